@@ -1,0 +1,146 @@
+"""The :class:`SqueezeExcite` Composer algorithm: SE surgery at ``Event.INIT``."""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Optional
+
+import composer.algorithms
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+
+from composer_se.surgery import Patterns, apply_squeeze_excite, validate_hyperparameters
+
+__all__ = ['SqueezeExcite']
+
+log = logging.getLogger(__name__)
+
+
+class SqueezeExcite(Algorithm):
+    """Adds Squeeze-and-Excitation blocks after qualifying ``Conv2d`` modules at ``Event.INIT``.
+
+    A thin wrapper around :func:`~composer_se.surgery.apply_squeeze_excite`, which
+    documents every argument: a conv gets a block when its **output** channel count is
+    ``>= min_channels`` and its module name passes ``include`` / ``exclude``; the new
+    parameters join the optimizer param group of their conv's weight. Hyperparameters
+    are checked here, so a bad value fails when the algorithm is built, not when the
+    Trainer starts.
+
+    It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
+    ``squeeze_excite/num_params_added`` as hyperparameters.
+
+    Checkpoints: the model changes shape, so :meth:`required_on_load` is ``True``. A
+    Trainer that loads a checkpoint made with this algorithm must be given the same
+    algorithm; without it, loading fails with an error saying which ``SqueezeExcite``
+    to add. Composer's own ``SqueezeExcite`` is never built in its place.
+
+    Args:
+        latent_channels (int | float, optional): hidden width ``L`` of each block, or a
+            fraction in ``(0, 1)`` of the conv's output channels. Default: ``64``.
+        min_channels (int, optional): minimum ``out_channels`` of a conv that gets a
+            block. Default: ``128``.
+        include (str | Sequence[str], optional): module-name patterns; only convs in
+            matching modules get blocks. Default: ``None`` (all).
+        exclude (str | Sequence[str], optional): module-name patterns to leave out.
+            Default: ``None``.
+        init (str, optional): ``'default'`` or ``'identity'`` (output-preserving).
+            Default: ``'default'``.
+
+    Example:
+        >>> from composer_se import SqueezeExcite
+        >>> SqueezeExcite(latent_channels=64, min_channels=512, include=['layer3', 'layer4'])
+        composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default')
+    """
+
+    def __init__(
+        self,
+        latent_channels: float = 64,
+        min_channels: int = 128,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        init: str = 'default',
+    ):
+        (self.latent_channels, self.min_channels, self.include, self.exclude, self.init) = validate_hyperparameters(
+            latent_channels,
+            min_channels,
+            include,
+            exclude,
+            init,
+        )
+        self._recreated_from_checkpoint = False
+
+    def _call(self) -> str:
+        """The constructor call that rebuilds this algorithm."""
+        return (
+            f'SqueezeExcite(latent_channels={self.latent_channels!r}, min_channels={self.min_channels!r}, '
+            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r})'
+        )
+
+    def __repr__(self) -> str:
+        # Qualified so that Composer's checkpoint loader, which evaluates this string
+        # under ``composer.algorithms``, reaches this class and not its own
+        # SqueezeExcite (see ``_register_for_checkpoint_loading`` below).
+        return f'composer_se.{self._call()}'
+
+    @staticmethod
+    def required_on_load() -> bool:
+        return True
+
+    def match(self, event: Event, state: State) -> bool:
+        return event == Event.INIT
+
+    def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
+        if self._recreated_from_checkpoint:
+            raise RuntimeError(
+                f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
+                f'model has no SE blocks for the checkpoint\'s SE weights. Add the algorithm: '
+                f'`from composer_se import SqueezeExcite` and '
+                f'`Trainer(..., algorithms=[{self._call()}])`.',
+            )
+        report = apply_squeeze_excite(
+            state.model,
+            latent_channels=self.latent_channels,
+            min_channels=self.min_channels,
+            optimizers=state.optimizers,
+            include=self.include,
+            exclude=self.exclude,
+            init=self.init,
+        )
+        log.info(
+            f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '
+            f'{type(state.model).__name__} with {self!r}.',
+        )
+        logger.log_hyperparameters({
+            'squeeze_excite/num_squeeze_excite_layers': report.num_blocks,
+            'squeeze_excite/num_params_added': report.num_params,
+        })
+
+
+def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:
+    algorithm = SqueezeExcite(**kwargs)
+    algorithm._recreated_from_checkpoint = True
+    return algorithm
+
+
+def _register_for_checkpoint_loading() -> None:
+    """Makes Composer's checkpoint loader resolve our algorithm to this class.
+
+    A Composer checkpoint lists its algorithms as ``(class __qualname__, {'repr': ...})``.
+    On load, for a name found in ``composer.algorithms`` whose class is
+    ``required_on_load``, Composer evaluates ``'algorithms.' + repr`` and, unless the
+    Trainer already has an algorithm of the resulting type, applies the result to the
+    model. Our class shares the name ``SqueezeExcite`` with Composer's, so with a plain
+    repr Composer would build and apply *its own* SqueezeExcite from our checkpoint.
+
+    Our repr is ``composer_se.SqueezeExcite(...)`` and this registers
+    ``composer.algorithms.composer_se.SqueezeExcite`` to build our class, flagged as
+    re-created: if the Trainer has our algorithm, Composer sees the type is present and
+    does nothing; if not, applying the re-created one raises an error telling the user
+    to add it. Without ``composer_se`` imported, the evaluation fails and Composer only
+    warns, naming ``composer_se.SqueezeExcite(...)``; it still never builds its own.
+    """
+    composer.algorithms.composer_se = types.SimpleNamespace(SqueezeExcite=_recreate_from_checkpoint)
+
+
+_register_for_checkpoint_loading()

@@ -1,0 +1,125 @@
+"""Squeeze-and-Excitation modules, in plain PyTorch.
+
+This module imports only ``torch``: a model that contains these layers can be saved,
+scripted, exported or served without Composer or ``composer_se.algorithm``.
+
+The block (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018), for a
+feature map ``u`` of shape ``(N, C, H, W)``::
+
+    z = mean over H, W of u                      # squeeze: (N, C)
+    s = gate(W2 @ relu(W1 @ z + b1) + b2)        # excitation: (N, C)
+    y = u * s[:, :, None, None]                  # scale
+
+``W1`` maps ``C`` to ``L`` channels and ``W2`` maps ``L`` back to ``C``; ``L`` is the
+latent (hidden) width. The paper's equation has no biases; like torchvision's and
+timm's SE layers, ours has them (``b1``, ``b2``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteConv2d']
+
+#: Accepted values of ``init``: ``'default'`` is the paper's block with PyTorch's
+#: default ``Linear`` initialisation; ``'identity'`` makes the block an exact identity
+#: at initialisation (see :class:`SqueezeExcite2d`).
+GATE_INITS = ('default', 'identity')
+
+
+class SqueezeExcite2d(nn.Module):
+    """Squeeze-and-Excitation block on an ``(N, C, H, W)`` tensor.
+
+    Works on NCHW and channels_last inputs (the output keeps the input's memory
+    format), under autocast (the output has the input's dtype), and for any batch
+    and spatial size.
+
+    Args:
+        channels (int): ``C``, the number of channels of the input (and output).
+        latent_channels (int): ``L``, the width of the hidden layer: ``W1`` is
+            ``C -> L`` and ``W2`` is ``L -> C``.
+        init (str, optional): ``'default'``: the gate is ``sigmoid``, as in the paper,
+            and both layers use PyTorch's default ``Linear`` initialisation.
+            ``'identity'``: the gate is ``2 * sigmoid``, and ``W2`` and ``b2`` start at
+            zero, so the block returns its input unchanged until training moves
+            ``W2`` (``2 * sigmoid(0) == 1`` exactly). Use it to add SE to a pretrained
+            network without changing what it computes. Default: ``'default'``.
+    """
+
+    def __init__(self, channels: int, latent_channels: int, init: str = 'default'):
+        super().__init__()
+        if init not in GATE_INITS:
+            raise ValueError(f'init must be one of {GATE_INITS}, got {init!r}')
+        self.channels = channels
+        self.latent_channels = latent_channels
+        self.init = init
+        self.fc1 = nn.Linear(channels, latent_channels)
+        self.fc2 = nn.Linear(latent_channels, channels)
+        # A float constant (not a branch on a string) keeps the forward scriptable.
+        self.gate_scale = 2.0 if init == 'identity' else 1.0
+        if init == 'identity':
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squeezed = x.mean((2, 3))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(squeezed))))
+        if self.gate_scale != 1.0:
+            gate = gate * self.gate_scale
+        return x * gate[:, :, None, None].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'{self.channels}, latent_channels={self.latent_channels}, init={self.init!r}'
+
+
+class SqueezeExciteConv2d(nn.Conv2d):
+    """A :class:`torch.nn.Conv2d` followed by a :class:`SqueezeExcite2d` block.
+
+    It *is* a ``Conv2d``: the convolution's parameters keep their names (``weight``,
+    ``bias``) and the block lives in the submodule ``se``. So a state dict saved from
+    the plain convolution loads into this module with ``strict=False``, and the only
+    missing keys are ``se.*``.
+
+    Construct it like a ``Conv2d`` plus the SE arguments, or turn an existing
+    ``Conv2d`` into one in place with :meth:`convert_`.
+
+    Args:
+        *args: positional arguments of :class:`torch.nn.Conv2d`.
+        latent_channels (int): ``L``, the hidden width of the SE block. Default: ``64``.
+        init (str, optional): the SE block's ``init``; see :class:`SqueezeExcite2d`.
+            Default: ``'default'``.
+        **kwargs: keyword arguments of :class:`torch.nn.Conv2d`.
+    """
+
+    def __init__(self, *args, latent_channels: int = 64, init: str = 'default', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.se = SqueezeExcite2d(self.out_channels, latent_channels, init=init).to(
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.se(self._conv_forward(input, self.weight, self.bias))
+
+    @classmethod
+    def convert_(cls, conv: nn.Conv2d, block: SqueezeExcite2d) -> 'SqueezeExciteConv2d':
+        """Turns ``conv`` into a :class:`SqueezeExciteConv2d` in place and returns it.
+
+        The object stays the same: its parameters (the very ``Parameter`` objects an
+        optimizer may hold), buffers, hooks, training flag and every place the model
+        refers to it are untouched; only its class changes and ``block`` becomes its
+        ``se`` submodule. ``conv`` must be exactly a ``torch.nn.Conv2d`` (a subclass
+        may override ``forward``, which this would silently drop), and ``block`` must
+        have ``conv.out_channels`` channels.
+        """
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f'convert_ needs exactly a torch.nn.Conv2d, got {type(conv).__qualname__}')
+        if block.channels != conv.out_channels:
+            raise ValueError(
+                f'the SE block has {block.channels} channels but the conv has {conv.out_channels} output channels',
+            )
+        conv.__class__ = cls
+        conv.add_module('se', block)
+        return conv  # type: ignore[return-value]

@@ -1,0 +1,81 @@
+"""The SqueezeExcite Composer algorithm, outside a Trainer."""
+
+from __future__ import annotations
+
+import logging
+from unittest.mock import Mock
+
+import pytest
+import torch
+from composer.algorithms.warnings import NoEffectWarning
+from composer.core import Algorithm, Event, State
+from composer.devices import DeviceCPU
+from composer.loggers import Logger
+from composer.models import ComposerClassifier
+
+import composer_se
+from composer_se import SqueezeExcite, SqueezeExciteConv2d
+from tests.conftest import small_cnn
+from tests.test_surgery import no_decay_groups
+
+
+def make_state(optimizers=None) -> State:
+    model = ComposerClassifier(small_cnn(), num_classes=4)
+    if optimizers == 'groups':
+        optimizers = torch.optim.SGD(no_decay_groups(model), lr=0.1)
+    return State(model=model, rank_zero_seed=0, run_name='test', device=DeviceCPU(), optimizers=optimizers)
+
+
+def test_is_a_composer_algorithm_required_on_load():
+    algorithm = SqueezeExcite()
+    assert isinstance(algorithm, Algorithm)
+    assert SqueezeExcite.required_on_load() is True
+    assert (algorithm.latent_channels, algorithm.min_channels, algorithm.init) == (64, 128, 'default')
+
+
+@pytest.mark.parametrize('event', list(Event))
+def test_matches_only_init(event):
+    assert SqueezeExcite().match(event, make_state()) == (event == Event.INIT)
+
+
+def test_apply_does_surgery_with_the_states_optimizers_and_logs(caplog):
+    state = make_state('groups')
+    logger = Mock(spec=Logger)
+    algorithm = SqueezeExcite(latent_channels=4, min_channels=16)
+    with caplog.at_level(logging.INFO, logger='composer_se'):
+        algorithm.apply(Event.INIT, state, logger)
+
+    convs = [n for n, m in state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
+    assert convs == ['module.0', 'module.3.0']
+    added = (2 * 16 * 4 + 4 + 16) + (2 * 32 * 4 + 4 + 32)  # 2CL + L + C for C = 16 and 32, L = 4
+    logger.log_hyperparameters.assert_called_once_with({
+        'squeeze_excite/num_squeeze_excite_layers': 2,
+        'squeeze_excite/num_params_added': added,
+    })
+    records = [r for r in caplog.records if r.name == 'composer_se.algorithm']
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert f'added 2 SE blocks ({added:,} parameters) to ComposerClassifier' in records[0].getMessage()
+    opt_ids = {id(p) for g in state.optimizers[0].param_groups for p in g['params']}
+    assert {id(p) for p in state.model.parameters()} == opt_ids
+
+
+def test_apply_with_nothing_to_do_warns_and_logs_zero():
+    state = make_state()
+    logger = Mock(spec=Logger)
+    with pytest.warns(NoEffectWarning, match='largest out_channels in the model is 32'):
+        SqueezeExcite(min_channels=512).apply(Event.INIT, state, logger)
+    logger.log_hyperparameters.assert_called_once_with({
+        'squeeze_excite/num_squeeze_excite_layers': 0,
+        'squeeze_excite/num_params_added': 0,
+    })
+
+
+def test_repr_shows_hyperparameters_and_rebuilds_the_algorithm():
+    algorithm = SqueezeExcite(latent_channels=0.25, min_channels=256.0, include='layer3', exclude=['*.downsample*'],
+                              init='identity')
+    text = repr(algorithm)
+    assert text == ("composer_se.SqueezeExcite(latent_channels=0.25, min_channels=256, include=('layer3',), "
+                    "exclude=('*.downsample*',), init='identity')")
+    rebuilt = eval(text, {'composer_se': composer_se})
+    assert type(rebuilt) is SqueezeExcite and repr(rebuilt) == text
+    assert algorithm.state_dict() == {'repr': text}

@@ -1,0 +1,69 @@
+"""An SE model under torch.compile, TorchScript and ONNX gives the eager outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from composer_se import apply_squeeze_excite
+from tests.conftest import small_cnn
+
+
+@pytest.fixture(scope='module')
+def se_resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    report = apply_squeeze_excite(model, latent_channels=16, min_channels=128)
+    assert report.num_blocks == 15
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def eager(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize('how', ['script', 'trace'])
+def test_torchscript(se_resnet, images, how, tmp_path):
+    module = torch.jit.script(se_resnet) if how == 'script' else torch.jit.trace(se_resnet, images)
+    module.save(str(tmp_path / 'model.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'model.pt'))
+    torch.testing.assert_close(eager(loaded, images), eager(se_resnet, images))
+    other = torch.randn(3, 3, 48, 48)
+    torch.testing.assert_close(eager(loaded, other), eager(se_resnet, other))
+
+
+def test_torch_compile_forward_and_backward_match_eager():
+    # A small model: inductor takes about a minute to compile a whole ResNet-18 on 2 CPU cores.
+    torch.manual_seed(0)
+    model = small_cnn()
+    apply_squeeze_excite(model, latent_channels=4, min_channels=16)
+    x = torch.randn(4, 3, 12, 12)
+    expected_out = model(x)
+    expected_out.square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = torch.compile(model)(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_runs_in_onnxruntime(se_resnet, images, tmp_path):
+    pytest.importorskip('onnx')
+    onnxruntime = pytest.importorskip('onnxruntime')
+    path = str(tmp_path / 'model.onnx')
+    torch.onnx.export(se_resnet, (images,), path, input_names=['x'], output_names=['y'],
+                      dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}}, dynamo=False)
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    other = torch.randn(3, 3, 48, 48)
+    for x in (images, other):
+        (y,) = session.run(None, {'x': x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), eager(se_resnet, x), rtol=1e-4, atol=1e-4)

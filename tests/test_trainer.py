@@ -1,0 +1,128 @@
+"""SqueezeExcite inside a real Composer Trainer on CPU: training, checkpoints, resumption."""
+
+from __future__ import annotations
+
+import composer.algorithms
+import pytest
+import torch
+from composer import Trainer
+from composer.algorithms import SqueezeExcite as ComposerSqueezeExcite
+from composer.algorithms.squeeze_excite.squeeze_excite import SqueezeExciteConv2d as ComposerSqueezeExciteConv2d
+from composer.models import ComposerClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from composer_se import SqueezeExcite, SqueezeExciteConv2d
+from tests.conftest import learnable_data, small_cnn
+from tests.test_surgery import no_decay_groups
+
+HPARAMS = dict(latent_channels=4, min_channels=16)
+
+
+def make_trainer(algorithms=(), groups=False, **kwargs) -> Trainer:
+    model = ComposerClassifier(small_cnn(), num_classes=4)
+    optimizer = torch.optim.SGD(no_decay_groups(model) if groups else model.parameters(), lr=0.05, momentum=0.9)
+    x, y = learnable_data()
+    kwargs.setdefault('max_duration', '2ep')
+    return Trainer(
+        model=model,
+        optimizers=optimizer,
+        train_dataloader=DataLoader(TensorDataset(x, y), batch_size=32),
+        algorithms=list(algorithms),
+        device='cpu',
+        seed=17,
+        progress_bar=False,
+        log_to_console=False,
+        **kwargs,
+    )
+
+
+def blocks(trainer: Trainer) -> tuple[list[str], list[str]]:
+    """Names of our SE convs and of Composer's SE wrappers in the trainer's model."""
+    ours = [n for n, m in trainer.state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
+    theirs = [n for n, m in trainer.state.model.named_modules() if isinstance(m, ComposerSqueezeExciteConv2d)]
+    return ours, theirs
+
+
+def loss_on_data(model) -> float:
+    x, y = learnable_data()
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model.module(x), y).item()
+
+
+def test_fit_learns_and_trains_the_se_parameters_with_several_param_groups():
+    trainer = make_trainer([SqueezeExcite(**HPARAMS)], groups=True, max_duration='6ep')
+    assert blocks(trainer) == (['module.0', 'module.3.0'], [])
+    se_params = {n: p for n, p in trainer.state.model.named_parameters() if '.se.' in n}
+    start = {n: p.detach().clone() for n, p in se_params.items()}
+    grads_seen = {n: 0 for n in se_params}
+    for n, p in se_params.items():
+        p.register_hook(lambda g, n=n: grads_seen.__setitem__(n, grads_seen[n] + int(g.abs().sum() > 0)))
+    loss_before = loss_on_data(trainer.state.model)
+
+    trainer.fit()
+
+    assert loss_on_data(trainer.state.model) < 0.25 * loss_before
+    assert all(count == 6 * 8 for count in grads_seen.values()), grads_seen  # 8 batches an epoch
+    assert all(not torch.equal(start[n], p) for n, p in se_params.items())
+
+
+def test_composers_own_algorithm_fails_there():
+    with pytest.raises(RuntimeError, match='No parameters were removed'):
+        make_trainer([ComposerSqueezeExcite(**HPARAMS)], groups=True)
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+    """A 2-epoch SE run that saved a checkpoint after each epoch, and its final weights."""
+    folder = tmp_path_factory.mktemp('run')
+    trainer = make_trainer([SqueezeExcite(**HPARAMS)], groups=True, save_folder=str(folder), save_interval='1ep')
+    trainer.fit()
+    return folder, {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+
+
+@pytest.fixture
+def composer_se_calls(monkeypatch) -> list:
+    """Records every application of Composer's own SqueezeExcite."""
+    calls = []
+    original = ComposerSqueezeExcite.apply
+    monkeypatch.setattr(ComposerSqueezeExcite, 'apply', lambda self, *a: calls.append(repr(self)) or original(self, *a))
+    return calls
+
+
+def test_resume_from_a_checkpoint_gives_identical_weights(checkpoints, composer_se_calls):
+    folder, final = checkpoints
+    resumed = make_trainer([SqueezeExcite(**HPARAMS)], groups=True, load_path=str(folder / 'ep1-ba8-rank0.pt'))
+    assert blocks(resumed) == (['module.0', 'module.3.0'], [])
+    assert composer_se_calls == []
+    assert int(resumed.state.timestamp.epoch) == 1
+    resumed.fit()
+    state = resumed.state.model.state_dict()
+    assert state.keys() == final.keys()
+    assert all(torch.equal(state[k], final[k]) for k in final)
+    assert blocks(resumed) == (['module.0', 'module.3.0'], [])
+
+
+def test_loading_without_the_algorithm_says_to_add_it(checkpoints, composer_se_calls):
+    folder, _ = checkpoints
+    for weights_only in (False, True):
+        with pytest.raises(ValueError, match='composer_se.SqueezeExcite') as info:
+            make_trainer(load_path=str(folder / 'ep1-ba8-rank0.pt'), load_weights_only=weights_only)
+        cause = info.value.__cause__
+        assert isinstance(cause, RuntimeError)
+        assert 'Add the algorithm: `from composer_se import SqueezeExcite`' in str(cause)
+        assert "algorithms=[SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default')]" in str(
+            cause)
+    assert composer_se_calls == []
+
+
+def test_composer_never_builds_its_own_squeeze_excite_from_our_checkpoint(checkpoints, monkeypatch,
+                                                                         composer_se_calls):
+    """As if composer_se were not imported where the checkpoint is loaded: Composer warns, names our
+    algorithm, and its strict weight loading refuses the SE weights; its own SqueezeExcite is never built."""
+    folder, _ = checkpoints
+    monkeypatch.delattr(composer.algorithms, 'composer_se')
+    with pytest.warns(UserWarning, match=r'required_on_load algorithm composer_se\.SqueezeExcite\(latent_channels=4'):
+        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "module.0.se.fc1.weight"'):
+            make_trainer(load_path=str(folder / 'ep1-ba8-rank0.pt'), load_weights_only=True)
+    assert composer_se_calls == []
