@@ -290,7 +290,11 @@ def apply_squeeze_excite(
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> report = apply_squeeze_excite(model, latent_channels=64, min_channels=512, optimizers=opt)
         >>> report.names
-        ['layer4.0.conv1', 'layer4.0.conv2', 'layer4.1.conv1', 'layer4.1.conv2']
+        ['layer4.0.conv1', 'layer4.0.conv2', 'layer4.0.downsample.0', 'layer4.1.conv1', 'layer4.1.conv2']
+        >>> report.num_params  # 5 blocks of 2 * 512 * 64 + 64 + 512
+        330560
+        >>> model.layer4[1].conv2.se.fc2.bias is opt.param_groups[0]['params'][-1]
+        True
     """
     latent_channels, min_channels, include, exclude, init = validate_hyperparameters(
         latent_channels,

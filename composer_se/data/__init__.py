@@ -1,0 +1,5 @@
+"""Datasets for composer_se's runs and tests."""
+
+from composer_se.data.synthetic import SyntheticImages
+
+__all__ = ['SyntheticImages']

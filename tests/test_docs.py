@@ -1,0 +1,48 @@
+"""The README and the method card: their code runs, and their commands are the ones CI uses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import warnings
+
+import pytest
+from composer.algorithms.warnings import NoEffectWarning
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ['README.md', 'docs/method_card.md']
+
+
+def python_blocks(path: str) -> list[str]:
+    return re.findall(r'```python\n(.*?)```', (ROOT / path).read_text(), flags=re.S)
+
+
+def setup_commands() -> list[str]:
+    return [line.strip() for line in (ROOT / 'README.md').read_text().splitlines() if line.startswith('    python3 -m venv')]
+
+
+@pytest.mark.parametrize('path, index', [(path, i) for path in DOCS for i in range(len(python_blocks(path)))])
+def test_code_block_runs(path, index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = python_blocks(path)[index]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NoEffectWarning)  # the README shows that a second application warns
+        exec(compile(code, f'{path}[block {index}]', 'exec'), {'__name__': '__docs__'})
+
+
+def test_method_card_has_composers_sections_and_both_interfaces():
+    text = (ROOT / 'docs/method_card.md').read_text()
+    headings = re.findall(r'^##+ (.+)$', text, flags=re.M)
+    for section in ['How to Use', 'Functional Interface', 'Composer Trainer', 'Implementation Details',
+                    'Suggested Hyperparameters', 'Technical Details', 'Attribution']:
+        assert section in headings
+    assert len(python_blocks('docs/method_card.md')) >= 2
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    commands = setup_commands()
+    assert len(commands) == 2
+    assert commands[0].endswith('python -m composer_se.demo')
+    assert commands[1].endswith('python -m pytest -q')
+    assert commands[1] in (ROOT / '.ci/run').read_text().splitlines()
