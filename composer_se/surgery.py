@@ -124,6 +124,8 @@ def validate_hyperparameters(
                 f'got {latent_channels!r}',
             )
         latent_channels = int(latent_channels)
+    else:
+        latent_channels = float(latent_channels)  # a plain float, also for numpy scalars, so the repr rebuilds it
     if (
         not _is_real_number(min_channels) or not math.isfinite(min_channels) or min_channels < 1 or
         min_channels != int(min_channels)
@@ -143,21 +145,25 @@ def validate_hyperparameters(
     )
 
 
-def _check_not_wrapped(model: nn.Module) -> None:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        FSDPModule = FullyShardedDataParallel
+def _wrapper_types() -> dict[type, str]:
+    """Wrappers that surgery must not reach through: they hold their own view of the parameters."""
     from torch._dynamo.eval_frame import OptimizedModule
+    wrappers: dict[type, str] = {OptimizedModule: 'torch.compile'}
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+        wrappers[DistributedDataParallel] = 'DistributedDataParallel'
+        wrappers[FullyShardedDataParallel] = 'FullyShardedDataParallel'
+        try:
+            from torch.distributed.fsdp import FSDPModule  # fully_shard, torch >= 2.6
+            wrappers[FSDPModule] = 'FSDP (fully_shard)'
+        except ImportError:
+            pass
+    return wrappers
 
-    wrappers = {
-        DistributedDataParallel: 'DistributedDataParallel',
-        FullyShardedDataParallel: 'FullyShardedDataParallel',
-        FSDPModule: 'FSDP (fully_shard)',
-        OptimizedModule: 'torch.compile',
-    }
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    wrappers = _wrapper_types()
     for name, module in model.named_modules():
         for wrapper, label in wrappers.items():
             if isinstance(module, wrapper):
@@ -201,21 +207,19 @@ def _as_optimizers(optimizers: Union[Optimizer, Sequence[Optimizer], None]) -> t
     return tuple(optimizers)
 
 
-def _groups_holding(conv: nn.Conv2d, name: str, optimizers: Sequence[Optimizer]) -> list[tuple[dict, str]]:
-    """The param groups holding ``conv.weight``, each with the prefix its block's parameter names take there.
+def _param_index(optimizers: Sequence[Optimizer]) -> dict[int, list[tuple[dict, str]]]:
+    """For each parameter held by ``optimizers`` (by ``id``): the groups holding it, each with its name there.
 
     A group built from ``named_parameters()`` keeps ``'param_names'`` beside ``'params'``;
-    the new names follow the name the group gives the conv's weight (``'module.0.weight'``
-    gives ``'module.0.se.fc1.weight'``, ...).
+    elsewhere the name is ``None``.
     """
-    found = []
+    index: dict[int, list[tuple[dict, str]]] = {}
     for opt in optimizers:
         for group in opt.param_groups:
-            for index, param in enumerate(group['params']):
-                if param is conv.weight:
-                    weight_name = group['param_names'][index] if 'param_names' in group else f'{name}.weight'
-                    found.append((group, weight_name[:-len('weight')]))
-    return found
+            names = group.get('param_names', [None] * len(group['params']))
+            for param, name in zip(group['params'], names):
+                index.setdefault(id(param), []).append((group, name))
+    return index
 
 
 def apply_squeeze_excite(
@@ -308,6 +312,7 @@ def apply_squeeze_excite(
     _check_patterns_match(model, 'exclude', exclude)
     optimizers = _as_optimizers(optimizers)
     num_groups = sum(len(opt.param_groups) for opt in optimizers)
+    held = _param_index(optimizers)
 
     # Every name under which each conv instance appears (a shared conv has several).
     conv_names: dict[nn.Conv2d, list[str]] = {}
@@ -334,7 +339,11 @@ def apply_squeeze_excite(
             skipped.append((name, f'is a {type(conv).__name__}, a Conv2d subclass with behaviour of its own'))
             subclassed.append(f'{name} ({type(conv).__name__})')
             continue
-        groups = _groups_holding(conv, name, optimizers)
+        # Each target group, with the prefix of the block's parameter names there: they
+        # follow the group's own name for the conv's weight ('module.0.weight' gives
+        # 'module.0.se.fc1.weight', ...).
+        groups = [(group, (weight_name or f'{name}.weight')[:-len('weight')])
+                  for group, weight_name in held.get(id(conv.weight), [])]
         if optimizers and not groups:
             if num_groups != 1:
                 raise ValueError(

@@ -79,3 +79,10 @@ def test_repr_shows_hyperparameters_and_rebuilds_the_algorithm():
     rebuilt = eval(text, {'composer_se': composer_se})
     assert type(rebuilt) is SqueezeExcite and repr(rebuilt) == text
     assert algorithm.state_dict() == {'repr': text}
+
+
+def test_numpy_scalars_become_plain_numbers_in_the_repr():
+    np = pytest.importorskip('numpy')
+    algorithm = SqueezeExcite(latent_channels=np.float64(0.25), min_channels=np.int64(64))
+    assert repr(algorithm).startswith('composer_se.SqueezeExcite(latent_channels=0.25, min_channels=64,')
+    assert type(SqueezeExcite(latent_channels=np.int64(32)).latent_channels) is int
