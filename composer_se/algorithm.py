@@ -7,8 +7,10 @@ import types
 from typing import Optional
 
 import composer.algorithms
+import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
+from composer.models import ComposerClassifier
 
 from composer_se.surgery import Patterns, apply_squeeze_excite, validate_hyperparameters
 
@@ -26,6 +28,10 @@ class SqueezeExcite(Algorithm):
     parameters join the optimizer param group of their conv's weight. Hyperparameters
     are checked here, so a bad value fails when the algorithm is built, not when the
     Trainer starts.
+
+    Module names in ``include`` / ``exclude`` are those of the user's network: for a
+    ``ComposerClassifier``, the module it wraps (``'layer3'``, not ``'module.layer3'``);
+    for any other ``ComposerModel``, the model itself.
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
@@ -99,7 +105,7 @@ class SqueezeExcite(Algorithm):
                 f'`Trainer(..., algorithms=[{self._call()}])`.',
             )
         report = apply_squeeze_excite(
-            state.model,
+            _network(state.model),
             latent_channels=self.latent_channels,
             min_channels=self.min_channels,
             optimizers=state.optimizers,
@@ -115,6 +121,11 @@ class SqueezeExcite(Algorithm):
             'squeeze_excite/num_squeeze_excite_layers': report.num_blocks,
             'squeeze_excite/num_params_added': report.num_params,
         })
+
+
+def _network(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose names ``include`` / ``exclude`` refer to: the network inside a ComposerClassifier."""
+    return model.module if isinstance(model, ComposerClassifier) else model
 
 
 def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:

@@ -42,10 +42,12 @@ class SqueezeExcite2d(nn.Module):
             ``C -> L`` and ``W2`` is ``L -> C``.
         init (str, optional): ``'default'``: the gate is ``sigmoid``, as in the paper,
             and both layers use PyTorch's default ``Linear`` initialisation.
-            ``'identity'``: the gate is ``2 * sigmoid``, and ``W2`` and ``b2`` start at
-            zero, so the block returns its input unchanged until training moves
-            ``W2`` (``2 * sigmoid(0) == 1`` exactly). Use it to add SE to a pretrained
-            network without changing what it computes. Default: ``'default'``.
+            ``'identity'``: the gate is ``2 * sigmoid``, with values in ``(0, 2)``, and
+            ``W2`` and ``b2`` start at zero, so the block returns its input unchanged
+            until training moves them (``2 * sigmoid(0) == 1`` exactly). Use it to add
+            SE to a pretrained network without changing what it computes. The gate's
+            scale is the buffer ``gate_scale`` (1 or 2), so it travels with the state
+            dict. Default: ``'default'``.
     """
 
     def __init__(self, channels: int, latent_channels: int, init: str = 'default'):
@@ -57,17 +59,16 @@ class SqueezeExcite2d(nn.Module):
         self.init = init
         self.fc1 = nn.Linear(channels, latent_channels)
         self.fc2 = nn.Linear(latent_channels, channels)
-        # A float constant (not a branch on a string) keeps the forward scriptable.
-        self.gate_scale = 2.0 if init == 'identity' else 1.0
+        # A buffer, so that the state dict carries the gate: identity-init weights loaded
+        # into a default-init block keep their meaning.
+        self.register_buffer('gate_scale', torch.tensor(2.0 if init == 'identity' else 1.0))
         if init == 'identity':
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         squeezed = x.mean((2, 3))
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(squeezed))))
-        if self.gate_scale != 1.0:
-            gate = gate * self.gate_scale
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(squeezed)))) * self.gate_scale
         return x * gate[:, :, None, None].to(x.dtype)
 
     def extra_repr(self) -> str:

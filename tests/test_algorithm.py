@@ -86,3 +86,15 @@ def test_numpy_scalars_become_plain_numbers_in_the_repr():
     algorithm = SqueezeExcite(latent_channels=np.float64(0.25), min_channels=np.int64(64))
     assert repr(algorithm).startswith('composer_se.SqueezeExcite(latent_channels=0.25, min_channels=64,')
     assert type(SqueezeExcite(latent_channels=np.int64(32)).latent_channels) is int
+
+
+def test_patterns_name_the_network_inside_a_composer_classifier():
+    import torchvision
+    model = ComposerClassifier(torchvision.models.resnet18(num_classes=4), num_classes=4)
+    state = State(model=model, rank_zero_seed=0, run_name='test', device=DeviceCPU(),
+                  optimizers=torch.optim.SGD(model.parameters(), lr=0.1))
+    logger = Mock(spec=Logger)
+    SqueezeExcite(latent_channels=8, min_channels=1, include=['layer4'], exclude='*.downsample*').apply(
+        Event.INIT, state, logger)
+    convs = [n for n, m in state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
+    assert convs == ['module.layer4.0.conv1', 'module.layer4.0.conv2', 'module.layer4.1.conv1', 'module.layer4.1.conv2']

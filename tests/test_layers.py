@@ -43,6 +43,7 @@ def test_block_shapes_and_parameters():
     block = SqueezeExcite2d(64, 16)
     assert block.fc1.weight.shape == (16, 64) and block.fc2.weight.shape == (64, 16)
     assert sum(p.numel() for p in block.parameters()) == 2 * 64 * 16 + 16 + 64
+    assert list(block.state_dict()) == ['gate_scale', 'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     with pytest.raises(ValueError, match="init must be one of .*'sideways'"):
         SqueezeExcite2d(8, 2, init='sideways')
 
@@ -64,14 +65,16 @@ def test_channels_last_input_gives_channels_last_output_with_same_values():
     torch.testing.assert_close(y_cl, block(u))
 
 
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'nhwc'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_under_cpu_autocast_output_keeps_the_conv_dtype_and_is_close(dtype):
-    conv = SqueezeExciteConv2d(8, 16, 3, padding=1, latent_channels=4)
-    x = torch.randn(2, 8, 10, 10)
+def test_under_cpu_autocast_output_keeps_the_conv_dtype_and_is_close(dtype, memory_format):
+    conv = SqueezeExciteConv2d(8, 16, 3, padding=1, latent_channels=4).to(memory_format=memory_format)
+    x = torch.randn(2, 8, 10, 10).to(memory_format=memory_format)
     expected = conv(x)
     with torch.autocast('cpu', dtype=dtype):
         y = conv(x)
     assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=memory_format)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
     y.float().sum().backward()
@@ -136,6 +139,15 @@ def test_identity_init_returns_the_input_exactly_and_still_learns():
     assert block.fc2.bias.grad.abs().sum() > 0
     torch.optim.SGD(block.parameters(), lr=0.1).step()
     assert not torch.allclose(block(u), u)
+
+
+def test_the_gate_travels_with_the_state_dict():
+    trained = SqueezeExcite2d(8, 4, init='identity')
+    nn.init.normal_(trained.fc2.weight)
+    fresh = SqueezeExcite2d(8, 4)
+    fresh.load_state_dict(trained.state_dict())
+    u = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(fresh(u), trained(u))
 
 
 def test_default_init_is_not_identity():

@@ -239,7 +239,11 @@ def test_refuses_a_ddp_wrapped_model(tmp_path):
         with pytest.raises(TypeError, match='wrapped by DistributedDataParallel. Apply SE before wrapping'):
             apply_squeeze_excite(model, min_channels=1)
         assert_unchanged(model, before)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+        with pytest.warns(UserWarning):  # FSDP1 on CPU warns about its device
+            wrapped = FullyShardedDataParallel(small_cnn(), device_id=torch.device('cpu'))
+        with pytest.raises(TypeError, match='wrapped by FullyShardedDataParallel'):
+            apply_squeeze_excite(wrapped, min_channels=1)
         sharded = small_cnn()
         fully_shard(sharded)
         with pytest.raises(TypeError, match=r'wrapped by FSDP \(fully_shard\)'):

@@ -123,6 +123,6 @@ def test_composer_never_builds_its_own_squeeze_excite_from_our_checkpoint(checkp
     folder, _ = checkpoints
     monkeypatch.delattr(composer.algorithms, 'composer_se')
     with pytest.warns(UserWarning, match=r'required_on_load algorithm composer_se\.SqueezeExcite\(latent_channels=4'):
-        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "module.0.se.fc1.weight"'):
+        with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "module.0.se.gate_scale", "module.0.se.fc1.weight"'):
             make_trainer(load_path=str(folder / 'ep1-ba8-rank0.pt'), load_weights_only=True)
     assert composer_se_calls == []

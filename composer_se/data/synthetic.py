@@ -12,7 +12,8 @@ class SyntheticImages(Dataset):
     """Images whose label can be learnt: each class has a fixed random template.
 
     Sample ``i`` is ``signal * template[label] + noise`` with ``label`` and the
-    Gaussian noise drawn from a generator seeded by ``(seed, i)``, so the dataset is
+    Gaussian noise drawn from a generator seeded with ``seed * 2**32 + offset + i``
+    (distinct for indices below ``2**32``), so the dataset is
     the same on every run and every process, and costs no memory beyond the
     templates. With the default ``signal=0.25`` a small CNN needs a few epochs to
     separate the classes, far above chance but not instantly.
@@ -55,7 +56,7 @@ class SyntheticImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f'index {index} is out of range for {self.num_samples} samples')
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index + 1)
+        gen = torch.Generator().manual_seed(self.seed * 2**32 + self.offset + index)
         label = int(torch.randint(self.num_classes, (), generator=gen))
         image = self.signal * self.templates[label] + torch.randn(self.shape, generator=gen)
         return image, label
