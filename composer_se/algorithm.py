@@ -18,6 +18,10 @@ __all__ = ['SqueezeExcite']
 
 log = logging.getLogger(__name__)
 
+#: Composer algorithms that replace Conv2d modules with new ones at Event.INIT. An SE conv
+#: is a Conv2d, so one of these running after SqueezeExcite would discard its SE block.
+CONV_REPLACING_ALGORITHMS = ('BlurPool', 'Factorize')
+
 
 class SqueezeExcite(Algorithm):
     """Adds Squeeze-and-Excitation blocks after qualifying ``Conv2d`` modules at ``Event.INIT``.
@@ -32,6 +36,11 @@ class SqueezeExcite(Algorithm):
     Module names in ``include`` / ``exclude`` are those of the user's network: for a
     ``ComposerClassifier``, the module it wraps (``'layer3'``, not ``'module.layer3'``);
     for any other ``ComposerModel``, the model itself.
+
+    Algorithms that replace convolutions at ``Event.INIT`` (Composer's ``BlurPool`` and
+    ``Factorize``) must come *before* it in the Trainer's ``algorithms``, so that SE goes
+    after the convolutions they leave; the other order is an error, since they would
+    drop the SE blocks.
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
@@ -97,6 +106,14 @@ class SqueezeExcite(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
+        algorithms = list(state.algorithms)
+        later = algorithms[algorithms.index(self) + 1:] if self in algorithms else []
+        replacers = [type(a).__name__ for a in later if type(a).__name__ in CONV_REPLACING_ALGORITHMS]
+        if replacers:
+            raise ValueError(
+                f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
+                f'with new modules, which would silently drop their SE blocks; list SqueezeExcite after it.',
+            )
         if self._recreated_from_checkpoint:
             raise RuntimeError(
                 f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '

@@ -43,6 +43,6 @@ def test_method_card_has_composers_sections_and_both_interfaces():
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     commands = setup_commands()
     assert len(commands) == 2
-    assert commands[0].endswith('python -m composer_se.demo')
+    assert commands[0].endswith('composer -n 1 -m composer_se.train yamls/resnet56_synthetic_demo.yaml')
     assert commands[1].endswith('python -m pytest -q')
     assert commands[1] in (ROOT / '.ci/run').read_text().splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import composer.algorithms
 import pytest
+from composer.algorithms.warnings import NoEffectWarning
 import torch
 from composer import Trainer
 from composer.algorithms import SqueezeExcite as ComposerSqueezeExcite
@@ -126,3 +127,12 @@ def test_composer_never_builds_its_own_squeeze_excite_from_our_checkpoint(checkp
         with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "module.0.se.gate_scale", "module.0.se.fc1.weight"'):
             make_trainer(load_path=str(folder / 'ep1-ba8-rank0.pt'), load_weights_only=True)
     assert composer_se_calls == []
+
+
+def test_a_conv_replacing_algorithm_after_squeeze_excite_is_refused():
+    from composer.algorithms import BlurPool
+    with pytest.raises(ValueError, match='BlurPool comes after SqueezeExcite .* list SqueezeExcite after it'):
+        make_trainer([SqueezeExcite(**HPARAMS), BlurPool()])
+    with pytest.warns(NoEffectWarning, match='BlurPool did not change any layers'):  # small_cnn has no strides
+        trainer = make_trainer([BlurPool(), SqueezeExcite(**HPARAMS)])
+    assert blocks(trainer)[0] == ['module.0', 'module.3.0']

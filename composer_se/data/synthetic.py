@@ -9,7 +9,7 @@ __all__ = ['SyntheticImages']
 
 
 class SyntheticImages(Dataset):
-    """Images whose label can be learnt: each class has a fixed random template.
+    """Images whose label can be learnt: each class has a fixed, smooth random template.
 
     Sample ``i`` is ``signal * template[label] + noise`` with ``label`` and the
     Gaussian noise drawn from a generator seeded with ``seed * 2**32 + offset + i``
@@ -48,7 +48,11 @@ class SyntheticImages(Dataset):
         self.signal = signal
         self.seed = seed
         self.offset = offset
-        self.templates = torch.randn(num_classes, *self.shape, generator=torch.Generator().manual_seed(seed))
+        # Smooth templates (4x4 noise, upsampled): like real images, the class signal lives
+        # at low spatial frequency, where convolutions and pooling keep it.
+        coarse = torch.randn(num_classes, self.shape[0], 4, 4, generator=torch.Generator().manual_seed(seed))
+        self.templates = torch.nn.functional.interpolate(coarse, size=self.shape[1:], mode='bilinear',
+                                                         align_corners=False)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -1,0 +1,132 @@
+"""Recipe sections -> Composer objects: optimizer, scheduler, algorithms, loggers."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Optional
+
+import torch
+from composer import algorithms as ca
+from composer.core import Algorithm
+from composer.loggers import FileLogger, LoggerDestination
+from composer.optim import (ComposerScheduler, ConstantScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
+                            DecoupledSGDW, MultiStepWithWarmupScheduler)
+from torch import nn
+
+from composer_se.algorithm import SqueezeExcite
+from composer_se.config import LoggersConfig, OptimizerConfig, RecipeError, SchedulerConfig
+
+__all__ = ['ALGORITHMS', 'build_algorithms', 'build_loggers', 'build_optimizer', 'build_scheduler']
+
+#: Names a recipe's ``algorithms`` section accepts. Composer's own SqueezeExcite is not
+#: among them: ``squeeze_excite`` is this package's.
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    'squeeze_excite': SqueezeExcite,
+    'augmix': ca.AugMix,
+    'blurpool': ca.BlurPool,
+    'channels_last': ca.ChannelsLast,
+    'colout': ca.ColOut,
+    'cutmix': ca.CutMix,
+    'cutout': ca.CutOut,
+    'ema': ca.EMA,
+    'gradient_clipping': ca.GradientClipping,
+    'label_smoothing': ca.LabelSmoothing,
+    'layer_freezing': ca.LayerFreezing,
+    'mixup': ca.MixUp,
+    'progressive_resizing': ca.ProgressiveResizing,
+    'randaugment': ca.RandAugment,
+    'sam': ca.SAM,
+    'selective_backprop': ca.SelectiveBackprop,
+    'stochastic_depth': ca.StochasticDepth,
+    'swa': ca.SWA,
+}
+
+OPTIMIZERS = {
+    'decoupled_sgdw': DecoupledSGDW,
+    'sgd': torch.optim.SGD,
+    'decoupled_adamw': DecoupledAdamW,
+    'adamw': torch.optim.AdamW,
+}
+SCHEDULERS = ('constant', 'multistep_with_warmup', 'cosine_decay_with_warmup')
+
+
+def _choice_error(what: str, value: str, choices) -> RecipeError:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ''
+    return RecipeError(f'unknown {what} {value!r}.{hint} Choose one of: {", ".join(sorted(choices))}.')
+
+
+def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s parameters; with ``no_decay_norm_and_bias``, 1-D parameters
+    (norm scales and shifts, biases) form a second group without weight decay."""
+    if config.name not in OPTIMIZERS:
+        raise _choice_error('optimizer.name', config.name, OPTIMIZERS)
+    if not config.lr > 0:
+        raise RecipeError(f'optimizer.lr must be positive, got {config.lr}')
+    if config.weight_decay < 0:
+        raise RecipeError(f'optimizer.weight_decay must be >= 0, got {config.weight_decay}')
+    params: Any = list(model.parameters())
+    if config.no_decay_norm_and_bias:
+        params = [
+            {'params': [p for p in params if p.ndim > 1]},
+            {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
+        ]
+    kwargs: dict[str, Any] = {'lr': config.lr, 'weight_decay': config.weight_decay}
+    if config.name in ('decoupled_sgdw', 'sgd'):
+        kwargs['momentum'] = config.momentum
+    return OPTIMIZERS[config.name](params, **kwargs)
+
+
+def build_scheduler(config: SchedulerConfig) -> ComposerScheduler:
+    if config.name == 'constant':
+        return ConstantScheduler()
+    if config.name == 'multistep_with_warmup':
+        if not config.milestones:
+            raise RecipeError('scheduler.milestones must list at least one time (e.g. [80ep, 120ep]) for '
+                              'multistep_with_warmup')
+        return MultiStepWithWarmupScheduler(t_warmup=config.t_warmup, milestones=list(config.milestones),
+                                            gamma=config.gamma)
+    if config.name == 'cosine_decay_with_warmup':
+        return CosineAnnealingWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+    raise _choice_error('scheduler.name', config.name, SCHEDULERS)
+
+
+def build_algorithms(config: dict[str, Optional[dict[str, Any]]]) -> list[Algorithm]:
+    """One algorithm per entry of the recipe's ``algorithms`` section; ``null`` entries are left out.
+
+    They keep the section's order, except that ``squeeze_excite`` goes last: it must run
+    after the algorithms that replace convolutions (BlurPool, Factorize).
+    """
+    built = []
+    for name, kwargs in config.items():
+        if kwargs is None:
+            continue
+        if name not in ALGORITHMS:
+            raise _choice_error('algorithm', name, ALGORITHMS)
+        cls = ALGORITHMS[name]
+        parameters = [p for p in inspect.signature(cls.__init__).parameters if p != 'self']
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            raise RecipeError(f'algorithms.{name} has no argument(s) {", ".join(unknown)}; '
+                              f'it takes: {", ".join(parameters)}')
+        try:
+            built.append(cls(**kwargs))
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f'algorithms.{name}: {error}') from None
+    return sorted(built, key=lambda algorithm: isinstance(algorithm, SqueezeExcite))
+
+
+def build_loggers(config: LoggersConfig) -> list[LoggerDestination]:
+    loggers: list[LoggerDestination] = []
+    if config.file:
+        loggers.append(FileLogger(filename=config.file, capture_stdout=False, capture_stderr=False))
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError("loggers.tensorboard needs the tensorboard package: pip install 'composer-se[tensorboard]'"
+                              ) from None
+        from composer.loggers import TensorboardLogger
+        loggers.append(TensorboardLogger(log_dir=config.tensorboard))
+    return loggers

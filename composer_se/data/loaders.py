@@ -1,0 +1,198 @@
+"""Datasets and dataloaders for a recipe's ``data`` section.
+
+Sources: ``cifar10`` (torchvision's CIFAR-10), ``imagefolder`` (a ``train/`` and a
+``val/`` or ``test/`` folder of class folders: ImageNet's layout), ``streaming``
+(mosaicml-streaming MDS shards with an image column ``x`` and an int column ``y``) and
+``synthetic`` (:class:`~composer_se.data.SyntheticImages`).
+
+Augmentation, chosen by ``data.augmentation``:
+
+- ``cifar``: random crop with 4 pixels of padding and a horizontal flip for training;
+  nothing for evaluation;
+- ``imagenet``: random-resized crop and a horizontal flip for training; a resize to
+  ``image_size / 0.875`` (256 for 224) and a center crop for evaluation.
+
+Both end with ``ToTensor`` and a per-channel normalisation. The pipeline is a
+``torchvision.transforms.Compose`` whose PIL stage ends at ``ToTensor``: that is where
+Composer's RandAugment and AugMix insert their PIL transforms.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from composer.core import DataSpec
+from composer.utils import dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from torchvision.transforms import v2
+
+from composer_se.config import DataConfig, RecipeError
+from composer_se.data.synthetic import SyntheticImages
+
+__all__ = ['SOURCES', 'build_dataloader', 'build_dataset', 'build_transform']
+
+SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
+AUGMENTATIONS = ('cifar', 'imagenet')
+NORMALIZATION = {
+    'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def build_transform(augmentation: str, image_size: int, train: bool) -> transforms.Compose:
+    """The PIL-to-tensor pipeline for ``augmentation`` (``'cifar'`` or ``'imagenet'``)."""
+    if augmentation == 'cifar':
+        steps = [v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()] if train else []
+    elif augmentation == 'imagenet':
+        if train:
+            steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
+    else:
+        raise RecipeError(f'unknown data.augmentation {augmentation!r}; choose one of {", ".join(AUGMENTATIONS)}')
+    mean, std = NORMALIZATION[augmentation]
+    return transforms.Compose([*steps, transforms.ToTensor(), v2.Normalize(mean, std)])
+
+
+class StreamingImages(Dataset):
+    """Image classification samples from MDS shards: column ``x`` (an image) and ``y`` (its class)."""
+
+    def __init__(self, transform: Callable, **kwargs):
+        from streaming import StreamingDataset
+        self.dataset = StreamingDataset(**kwargs)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return self.transform(sample['x'].convert('RGB')), int(sample['y'])
+
+
+def _eval_split(config: DataConfig, root: Path) -> str:
+    if config.eval_split:
+        return config.eval_split
+    for split in ('val', 'test'):
+        if (root / split).is_dir():
+            return split
+    raise RecipeError(f'data.root {root} has neither a val/ nor a test/ folder; set data.eval_split to the evaluation '
+                      f'split or point data.root at the dataset')
+
+
+def _image_folder(config: DataConfig, train: bool, transform: Callable) -> datasets.ImageFolder:
+    if not config.root:
+        raise RecipeError('data.root must be set for data.source=imagefolder (a folder with train/ and val/ or test/)')
+    root = Path(config.root)
+    if not root.is_dir():
+        raise RecipeError(f'data.root {root} is not a folder; imagefolder expects {root}/train/<class>/<image> and '
+                          f'{root}/val/<class>/<image> (or test/). Other sources: {", ".join(SOURCES)}.')
+    split = config.train_split if train else _eval_split(config, root)
+    folder = root / split
+    if not folder.is_dir():
+        raise RecipeError(f'split folder {folder} does not exist; data.root must hold {split}/<class>/<image>')
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise RecipeError(f'{folder} is not a folder of class folders of images: {error}') from None
+
+
+def _cifar10(config: DataConfig, train: bool, transform: Callable) -> datasets.CIFAR10:
+    if not config.root:
+        raise RecipeError('data.root must be set for data.source=cifar10 (the folder holding cifar-10-batches-py)')
+    try:
+        return datasets.CIFAR10(config.root, train=train, transform=transform, download=config.download)
+    except RuntimeError as error:
+        raise RecipeError(
+            f'CIFAR-10 was not found in data.root {config.root} ({error}). Set data.download=true to fetch it, or use '
+            f'data.source=imagefolder for a folder of images.',
+        ) from None
+
+
+def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size: int, seed: int) -> StreamingImages:
+    if not (config.remote or config.local):
+        raise RecipeError('data.source=streaming needs data.remote (where the MDS shards are) or data.local')
+    split = config.train_split if train else (config.eval_split or 'val')
+    if config.remote is None and not os.path.isdir(os.path.join(str(config.local), split)):
+        raise RecipeError(f'data.local {config.local} has no {split}/ folder of MDS shards (index.json)')
+    try:
+        import streaming  # noqa: F401
+    except ImportError:
+        raise RecipeError("data.source=streaming needs mosaicml-streaming: pip install 'composer-se[streaming]'"
+                          ) from None
+    return StreamingImages(
+        transform,
+        remote=config.remote,
+        local=config.local,
+        split=split,
+        shuffle=train,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def _limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of ``count`` samples; keeps torchvision datasets (and their transform) in place."""
+    if count is None or count >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    if count < 1:
+        raise RecipeError(f'data.max_train_samples / max_eval_samples must be at least 1, got {count}')
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()  # type: ignore
+    if isinstance(dataset, datasets.ImageFolder):
+        dataset.samples = [dataset.samples[i] for i in keep]
+        dataset.imgs = dataset.samples
+        dataset.targets = [label for _, label in dataset.samples]
+        return dataset
+    if isinstance(dataset, datasets.CIFAR10):
+        dataset.data = dataset.data[keep]
+        dataset.targets = [dataset.targets[i] for i in keep]
+        return dataset
+    return Subset(dataset, keep)
+
+
+def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size: int, seed: int) -> Dataset:
+    """The training or evaluation dataset of ``config``."""
+    if config.source not in SOURCES:
+        raise RecipeError(f'unknown data.source {config.source!r}; choose one of {", ".join(SOURCES)}')
+    if config.image_size < 1:
+        raise RecipeError(f'data.image_size must be at least 1, got {config.image_size}')
+    if config.source == 'synthetic':
+        samples = config.synthetic_train_samples if train else config.synthetic_eval_samples
+        offset = 0 if train else config.synthetic_train_samples
+        return SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
+                               offset=offset)
+    transform = build_transform(config.augmentation, config.image_size, train)
+    if config.source == 'cifar10':
+        dataset: Dataset = _cifar10(config, train, transform)
+    elif config.source == 'imagefolder':
+        dataset = _image_folder(config, train, transform)
+    else:
+        return _streaming(config, train, transform, batch_size, seed)
+    return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)
+
+
+def build_dataloader(config: DataConfig, num_classes: int, train: bool, global_batch_size: int, seed: int) -> DataSpec:
+    """A dataloader over this process's share of the data, for a global batch of ``global_batch_size``."""
+    world_size = dist.get_world_size()
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise RecipeError(f'the global batch size {global_batch_size} must be a positive multiple of the number of '
+                          f'processes ({world_size})')
+    batch_size = global_batch_size // world_size
+    dataset = build_dataset(config, num_classes, train, batch_size, seed)
+    sampler = None
+    if not isinstance(dataset, StreamingImages):  # streaming shards the data across processes itself
+        sampler = dist.get_sampler(dataset, shuffle=train, drop_last=train)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=config.num_workers,
+        pin_memory=config.pin_memory,
+        persistent_workers=config.num_workers > 0,
+    )
+    return DataSpec(loader)

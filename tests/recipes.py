@@ -1,0 +1,52 @@
+"""Helpers for the recipe tests: shrinking overrides and tiny on-disk datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted((ROOT / 'yamls').glob('*.yaml'))
+
+#: Overrides that shrink any recipe to a few CPU batches of synthetic data.
+SHRINK = [
+    'data.source=synthetic',
+    'data.synthetic_train_samples=32',
+    'data.synthetic_eval_samples=16',
+    'data.num_workers=0',
+    'data.pin_memory=false',
+    'global_batch_size=8',
+    'eval_batch_size=16',
+    'max_duration=2ba',
+    'eval_interval=2ba',
+    'loggers.progress_bar=false',
+    'scheduler.t_warmup=1ba',
+]
+
+
+def write_image_tree(root: Path, splits=('train', 'val'), classes=('cat', 'dog'), per_class=8, size=16) -> Path:
+    """``root/<split>/<class>/<n>.png``: class 0 images are dark, class 1 images bright."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 100, (size, size, 3)) + 150 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{index}.png')
+    return root
+
+
+def write_mds(root: Path, splits=('train', 'val'), per_split=32, size=16) -> Path:
+    """MDS shards ``root/<split>/`` with columns ``x`` (a JPEG image) and ``y`` (its class)."""
+    from streaming import MDSWriter
+    rng = np.random.default_rng(0)
+    for split in splits:
+        with MDSWriter(out=str(root / split), columns={'x': 'jpeg', 'y': 'int'}) as writer:
+            for index in range(per_split):
+                label = index % 2
+                pixels = rng.integers(0, 100, (size, size, 3)) + 150 * label
+                writer.write({'x': Image.fromarray(pixels.astype(np.uint8)), 'y': label})
+    return root

@@ -1,0 +1,204 @@
+"""Recipes: every YAML builds and trains; config errors; data sources; algorithms; loggers; checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composer_se import SqueezeExciteConv2d
+from composer_se.builders import ALGORITHMS, build_algorithms
+from composer_se.config import RecipeConfig, load_recipe
+from composer_se.models import cifar_resnet
+from composer_se.train import build_trainer, main
+from tests.recipes import SHRINK, YAMLS, write_image_tree, write_mds
+
+SE_BLOCKS = {
+    'resnet56_cifar10.yaml': 19,  # the 18 convs of stage 3 and its downsampling conv
+    'resnet56_synthetic_demo.yaml': 19,
+    'resnet50_imagenet.yaml': 22,
+    'resnet56_cifar10_baseline.yaml': 0,
+    'resnet50_imagenet_baseline.yaml': 0,
+}
+DEMO = str([path for path in YAMLS if path.name == 'resnet56_synthetic_demo.yaml'][0])
+
+
+def se_blocks(trainer) -> list[str]:
+    return [name for name, m in trainer.state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
+
+
+def fit(recipe: str, *overrides: str):
+    trainer = build_trainer(load_recipe(recipe, [*SHRINK, *overrides]))
+    trainer.fit()
+    return trainer
+
+
+def test_every_recipe_has_an_expected_count():
+    assert sorted(p.name for p in YAMLS) == sorted(SE_BLOCKS)
+
+
+@pytest.mark.parametrize('recipe', YAMLS, ids=lambda p: p.name)
+def test_every_recipe_builds_and_trains_a_few_batches(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_recipe(recipe)
+    assert isinstance(config, RecipeConfig) and config.run_name
+    image_size = '64' if config.data.augmentation == 'imagenet' else '32'
+    trainer = fit(str(recipe), f'data.image_size={image_size}')
+    assert len(se_blocks(trainer)) == SE_BLOCKS[recipe.name]
+    assert int(trainer.state.timestamp.batch) == 2
+
+
+def test_recipes_hold_the_documented_hyperparameters():
+    cifar = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10.yaml'))
+    assert (cifar.max_duration, cifar.global_batch_size, cifar.optimizer.lr, cifar.optimizer.momentum) == ('160ep', 1024,
+                                                                                                         1.2, 0.9)
+    assert (cifar.scheduler.t_warmup, cifar.scheduler.milestones, cifar.scheduler.gamma) == ('5ep', ['80ep', '120ep'],
+                                                                                            0.1)
+    assert cifar.algorithms == {'squeeze_excite': {'latent_channels': 64, 'min_channels': 64}}
+    imagenet = load_recipe(str(YAMLS[0].parent / 'resnet50_imagenet.yaml'))
+    assert (imagenet.max_duration, imagenet.global_batch_size, imagenet.scheduler.name,
+            imagenet.scheduler.t_warmup) == ('90ep', 2048, 'cosine_decay_with_warmup', '8ep')
+    assert imagenet.algorithms == {
+        'channels_last': {},
+        'label_smoothing': {'smoothing': 0.1},
+        'squeeze_excite': {'latent_channels': 64, 'min_channels': 512},
+    }
+    baseline = load_recipe(str(YAMLS[0].parent / 'resnet50_imagenet_baseline.yaml'))
+    assert 'squeeze_excite' not in baseline.algorithms and baseline.optimizer == imagenet.optimizer
+
+
+def test_cifar_resnet_sizes():
+    assert sum(p.numel() for p in cifar_resnet(56).parameters()) == 855_770  # "about 0.85M" in He et al.
+    assert sum(p.numel() for p in cifar_resnet(20).parameters()) == 272_474
+    assert cifar_resnet(110)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match='depth must be one of'):
+        cifar_resnet(50)
+
+
+# --- configuration errors: one message, exit status 2, before training ------------------------------------------
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['data.sourc=synthetic'], "unknown key 'data.sourc' in 'data'. Did you mean 'source'? Valid keys there: "
+     'augmentation, download, eval_split'),
+    (['max_epochs=3'], "unknown key 'max_epochs' at the top level. Valid keys there: algorithms, base,"),
+    (['checkpoint.save_folderr=x'], "unknown key 'checkpoint.save_folderr' in 'checkpoint'. Did you mean 'save_folder'"),
+    (['global_batch_size=many'], "wrong type for 'global_batch_size'"),
+    (['data.download=perhaps'], "wrong type for 'data.download'"),
+    (['run_name=${oc.env:HOME}'], "'run_name' uses a resolver"),
+    (['algorithms.squeeze_exite={}'], "unknown algorithm 'squeeze_exite'. Did you mean 'squeeze_excite'?"),
+    (['algorithms.squeeze_excite.min_channel=3'], 'algorithms.squeeze_excite has no argument(s) min_channel; it takes: '
+     'latent_channels, min_channels, include, exclude, init'),
+    (['algorithms.squeeze_excite.latent_channels=0'], 'algorithms.squeeze_excite: latent_channels must be an integer'),
+    (['model.name=resnet5O'], "unknown model.name 'resnet5O'; did you mean resnet56, resnet50"),
+    (['data.source=imagenet'], "unknown data.source 'imagenet'; choose one of cifar10, imagefolder, streaming, "
+     'synthetic'),
+    (['data.source=imagefolder', 'data.root=/nonexistent/imagenet'], 'data.root /nonexistent/imagenet is not a folder'),
+    (['data.source=cifar10', 'data.root=/nonexistent'], 'CIFAR-10 was not found in data.root /nonexistent'),
+    (['global_batch_size=0'], 'global_batch_size must be at least 1, got 0'),
+    (['optimizer.name=adam'], "unknown optimizer.name 'adam'"),
+    (['optimizer.lr=-1'], 'optimizer.lr must be positive, got -1.0'),
+    (['scheduler.name=cosine'], "unknown scheduler.name 'cosine'"),
+    (['max_duration=10 epochs'], 'Composer rejected the recipe'),
+    (['checkpoint.autoresume=true'], 'checkpoint.autoresume needs run_name and checkpoint.save_folder'),
+    (['precision=fp8'], 'precision must be fp32, amp_fp16 or amp_bf16'),
+    (['algorithms.randaugment={}'], 'randaugment and augmix transform images in the dataset; they need data.source'),
+    (['loggers'], "override 'loggers' is not of the form key=value"),
+])
+def test_config_errors_are_one_clear_message(overrides, message, capsys):
+    extra = ['run_name=null'] if 'autoresume' in overrides[0] else []
+    assert main([DEMO, *SHRINK, *extra, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('composer_se.train: error: ') and message in err, err
+    assert 'Traceback' not in err and len(err.splitlines()) == 1
+
+
+def test_missing_mandatory_keys_are_named(tmp_path, capsys):
+    recipe = tmp_path / 'partial.yaml'
+    recipe.write_text('model: {name: resnet20}\ndata: {source: synthetic}\n')
+    assert main([str(recipe)]) == 2
+    assert 'missing mandatory key(s): global_batch_size, max_duration, optimizer.lr' in capsys.readouterr().err
+
+
+def test_environment_interpolation_in_a_file_is_refused(tmp_path, capsys):
+    recipe = tmp_path / 'env.yaml'
+    recipe.write_text(f'base: {DEMO}\ndata:\n  root: ${{oc.env:HOME}}/data\n')
+    assert main([str(recipe)]) == 2
+    assert "'data.root' uses a resolver ('${oc.env:HOME}/data')" in capsys.readouterr().err
+
+
+def test_key_interpolation_and_base_chains_work(tmp_path):
+    recipe = tmp_path / 'child.yaml'
+    recipe.write_text(f'base: {DEMO}\nrun_name: demo-${{model.name}}\nmodel: {{name: resnet20}}\n')
+    config = load_recipe(recipe)
+    assert config.run_name == 'demo-resnet20' and config.algorithms['squeeze_excite']['min_channels'] == 64
+
+
+# --- data sources, algorithms, loggers --------------------------------------------------------------------------
+
+
+def test_imagefolder_run_with_randaugment(tmp_path):
+    root = write_image_tree(tmp_path / 'images')
+    trainer = fit(DEMO, 'model.name=resnet20', 'model.num_classes=2', 'data.source=imagefolder', f'data.root={root}',
+                  'data.image_size=16', 'algorithms.randaugment={}', 'max_duration=1ep')
+    assert len(se_blocks(trainer)) == 7
+    assert int(trainer.state.timestamp.batch) == 2  # 16 training images, batches of 8
+
+
+def test_imagefolder_missing_split_is_named(tmp_path, capsys):
+    root = write_image_tree(tmp_path / 'images', splits=('train',))
+    assert main([DEMO, *SHRINK, 'data.source=imagefolder', f'data.root={root}']) == 2
+    assert f'data.root {root} has neither a val/ nor a test/ folder' in capsys.readouterr().err
+
+
+def test_streaming_run_on_local_mds_shards(tmp_path):
+    root = write_mds(tmp_path / 'mds')
+    trainer = fit(DEMO, 'model.name=resnet20', 'model.num_classes=2', 'data.source=streaming', f'data.local={root}',
+                  'data.image_size=16', 'max_duration=1ep')
+    assert len(se_blocks(trainer)) == 7
+    assert int(trainer.state.timestamp.batch) == 4  # 32 samples in batches of 8
+
+
+def test_composes_with_composers_algorithms(tmp_path):
+    algorithms = [
+        'algorithms.channels_last={}', 'algorithms.label_smoothing.smoothing=0.1', 'algorithms.blurpool={}',
+        'algorithms.ema={}', 'algorithms.mixup.alpha=0.2', 'algorithms.progressive_resizing={}',
+        'algorithms.selective_backprop={}'
+    ]
+    trainer = fit(DEMO, 'model.name=resnet20', *algorithms)
+    names = [type(a).__name__ for a in trainer.state.algorithms]
+    assert names == ['ChannelsLast', 'LabelSmoothing', 'BlurPool', 'EMA', 'MixUp', 'ProgressiveResizing',
+                     'SelectiveBackprop', 'SqueezeExcite']  # SE last: after BlurPool has replaced the strided convs
+    blocks = se_blocks(trainer)
+    assert len(blocks) == 7 and 'module.layer3.0.conv1.conv' in blocks  # inside BlurPool's BlurConv2d
+
+
+def test_every_registered_algorithm_builds():
+    required = {
+        'gradient_clipping': {'clipping_type': 'norm', 'clipping_threshold': 1.0},
+        'stochastic_depth': {'target_layer_name': 'ResNetBottleneck'},
+    }
+    built = build_algorithms({name: required.get(name, {}) for name in ALGORITHMS})
+    assert sorted(type(a).__name__ for a in built) == sorted(cls.__name__ for cls in ALGORITHMS.values())
+    assert type(built[-1]).__name__ == 'SqueezeExcite'
+    assert build_algorithms({'squeeze_excite': None}) == []
+
+
+def test_file_and_tensorboard_loggers_write(tmp_path):
+    fit(DEMO, 'model.name=resnet20', f'loggers.file={tmp_path}/log-{{rank}}.txt', f'loggers.tensorboard={tmp_path}/tb')
+    assert 'squeeze_excite/num_squeeze_excite_layers' in (tmp_path / 'log-0.txt').read_text()
+    assert list((tmp_path / 'tb').rglob('events.out.tfevents.*'))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_autoresume_continues_from_the_last_checkpoint_with_se(tmp_path):
+    common = ['model.name=resnet20', 'run_name=resume-test', f'checkpoint.save_folder={tmp_path}/ckpt',
+              'checkpoint.autoresume=true', 'checkpoint.save_interval=1ep']
+    first = fit(DEMO, *common, 'max_duration=1ep')
+    assert int(first.state.timestamp.epoch) == 1 and (tmp_path / 'ckpt' / 'latest-rank0.pt').exists()
+    second = build_trainer(load_recipe(DEMO, [*SHRINK, *common, 'max_duration=2ep']))
+    assert int(second.state.timestamp.epoch) == 1  # resumed, not restarted
+    assert se_blocks(second) == se_blocks(first)
+    second.fit()
+    assert int(second.state.timestamp.epoch) == 2
