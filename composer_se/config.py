@@ -120,7 +120,7 @@ class RecipeConfig:
     precision: Optional[str] = None  #: fp32 | amp_fp16 | amp_bf16; default: amp_bf16 on GPU, fp32 on CPU
     device: Optional[str] = None  #: cpu | gpu; default: gpu when one is available
     device_train_microbatch_size: Optional[int] = None
-    base: Optional[str] = None  #: another recipe this one starts from (a path relative to this file)
+    base: Optional[str] = None  #: another recipe this one starts from (a path relative to this file; files only)
 
 
 def _schema_at(path: list[str]) -> Optional[type]:
@@ -204,8 +204,7 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     """Reads a recipe, applies its ``base`` chain and the ``key=value`` overrides, and checks it.
 
     Returns:
-        RecipeConfig: a typed, fully resolved config (an OmegaConf structured config
-        whose values are plain Python after :func:`OmegaConf.to_object`).
+        RecipeConfig: the typed, fully resolved config, as plain dataclasses.
 
     Raises:
         RecipeError: with one message naming the key, the file or the override at fault.
@@ -216,9 +215,13 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
             raise _translate(error, origin) from None
+        except (TypeError, ValueError) as error:  # e.g. a list where the schema has a mapping
+            raise RecipeError(f'{origin}: {error} (a list where a mapping belongs, or the reverse?)') from None
     for override in overrides:
         if '=' not in override:
             raise RecipeError(f'override {override!r} is not of the form key=value (e.g. data.root=/data/imagenet)')
+        if override.split('=', 1)[0].strip() == 'base':
+            raise RecipeError(f'override {override!r}: base can only be set in a recipe file')
         try:
             dotted = OmegaConf.from_dotlist([override])
         except OmegaConfBaseException as error:
@@ -228,10 +231,13 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
             merged = OmegaConf.merge(merged, dotted)
         except OmegaConfBaseException as error:
             raise _translate(error, f'override {override!r}', override.split('=', 1)[0]) from None
-    missing = sorted(OmegaConf.missing_keys(merged))
-    if missing:
-        raise RecipeError(f'missing mandatory key(s): {", ".join(missing)}; set them in the recipe or as key=value')
+        except (TypeError, ValueError) as error:
+            raise RecipeError(f'override {override!r}: {error} (a list where a mapping belongs, or the reverse?)'
+                              ) from None
     try:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise RecipeError(f'missing mandatory key(s): {", ".join(missing)}; set them in the recipe or as key=value')
         OmegaConf.resolve(merged)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:

@@ -6,8 +6,9 @@ Also runs under Composer's launcher, on one or many processes and nodes::
 
 The recipe and the overrides become one :class:`~composer_se.config.RecipeConfig`;
 :func:`build_trainer` turns it into a Composer ``Trainer``, and :func:`main` trains it
-and prints, on every process, the SE blocks added, the final evaluation accuracy and a
-fingerprint of the final weights (equal on all processes of a data-parallel run).
+and prints, on every process, the SE blocks added, the epochs and batches trained, the
+final evaluation accuracy and a fingerprint of the final weights (equal on all
+processes of a data-parallel run).
 A mistake in the recipe, an override or the data location stops the run before
 training with one message, and exit status 2.
 """
@@ -129,6 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     added = sum(p.numel() for name in blocks for p in trainer.state.model.get_submodule(name).se.parameters())
     print(f'{rank}SqueezeExcite: {len(blocks)} SE blocks ({added:,} parameters)', flush=True)
     trainer.fit()
+    timestamp = trainer.state.timestamp
+    print(f'{rank}trained {int(timestamp.epoch)} epochs, {int(timestamp.batch)} batches')
     metrics = trainer.state.eval_metrics.get('eval', {})
     if 'MulticlassAccuracy' in metrics:
         print(f'{rank}final eval accuracy: {float(metrics["MulticlassAccuracy"].compute()):.2%}')

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import ROOT, SHRINK
+from tests.recipes import ROOT, SHRINK, write_mds
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 COMPOSER = str(Path(sys.executable).with_name('composer'))
@@ -38,10 +38,18 @@ def fingerprints(text: str) -> list[str]:
 
 
 def test_two_processes_apply_se_on_both_ranks_and_agree(tmp_path):
-    output = finish(launch([DEMO, *TINY, 'max_duration=1ep'], tmp_path, processes=2))
+    """Two ranks reading MDS shards: SE on both, the data split between them, identical final weights."""
+    root = write_mds(tmp_path / 'mds', per_split=64)
+    output = finish(launch([
+        DEMO, *TINY, 'max_duration=1ep', 'data.source=streaming', f'data.local={root}', 'model.num_classes=2',
+        'data.image_size=16'
+    ], tmp_path, processes=2))
+    # 64 samples, global batch 8: 8 steps of 4 samples a rank. Unsplit, each rank would take 16.
+    assert 'trained 1 epochs, 8 batches' in output
     rank1 = (tmp_path / 'rank1.stdout').read_text()
     assert 'SqueezeExcite: 7 SE blocks (58,240 parameters)' in output
     assert '[rank 1] SqueezeExcite: 7 SE blocks (58,240 parameters)' in rank1
+    assert '[rank 1] trained 1 epochs, 8 batches' in rank1
     ours, theirs = fingerprints(output), fingerprints(rank1)
     assert len(ours) == len(theirs) == 1 and ours == theirs
 

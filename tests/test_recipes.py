@@ -202,3 +202,78 @@ def test_autoresume_continues_from_the_last_checkpoint_with_se(tmp_path):
     assert se_blocks(second) == se_blocks(first)
     second.fit()
     assert int(second.state.timestamp.epoch) == 2
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['model.num_classes=${data.sourc}'], 'data.sourc'),
+    (['algorithms=[1]'], "override 'algorithms=[1]': "),
+    (['base=other.yaml'], "override 'base=other.yaml': base can only be set in a recipe file"),
+    (['data.max_train_samples=0', 'data.source=synthetic'], 'must be at least 1, got 0'),
+])
+def test_more_config_errors_are_one_clear_message(overrides, message, capsys):
+    assert main([DEMO, *SHRINK, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and 'Traceback' not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_list_where_a_mapping_belongs_in_a_file(tmp_path, capsys):
+    recipe = tmp_path / 'list.yaml'
+    recipe.write_text(f'base: {DEMO}\nalgorithms: [blurpool]\n')
+    assert main([str(recipe)]) == 2
+    assert f'{recipe}: ' in capsys.readouterr().err
+
+
+def test_imagefolder_without_class_folders_is_named(tmp_path, capsys):
+    (tmp_path / 'flat' / 'train').mkdir(parents=True)
+    (tmp_path / 'flat' / 'val').mkdir()
+    assert main([DEMO, *SHRINK, 'data.source=imagefolder', f'data.root={tmp_path}/flat']) == 2
+    assert f'{tmp_path}/flat/train is not a folder of class folders of images' in capsys.readouterr().err
+
+
+def test_imagenet_transforms():
+    from PIL import Image
+
+    from composer_se.data.loaders import build_transform
+    image = Image.new('RGB', (500, 375))
+    assert build_transform('imagenet', 224, train=True)(image).shape == (3, 224, 224)
+    evaluation = build_transform('imagenet', 224, train=False)
+    assert [type(t).__name__ for t in evaluation.transforms] == ['Resize', 'CenterCrop', 'ToTensor', 'Normalize']
+    assert evaluation.transforms[0].size == [256] and evaluation(image).shape == (3, 224, 224)
+    cifar = build_transform('cifar', 32, train=True)
+    assert [type(t).__name__ for t in cifar.transforms] == ['RandomCrop', 'RandomHorizontalFlip', 'ToTensor',
+                                                            'Normalize']
+    assert cifar.transforms[0].padding == [4, 4, 4, 4]
+
+
+def test_streaming_shuffles_each_epoch(tmp_path):
+    from composer_se.config import DataConfig
+    from composer_se.data.loaders import build_dataloader
+    root = write_mds(tmp_path / 'mds', per_split=64)
+    loader = build_dataloader(DataConfig(source='streaming', local=str(root), image_size=16), 2, True, 64, 0).dataloader
+    first, second = (torch.cat([x.flatten(1)[:, 0] for x, _ in loader]) for _ in range(2))
+    assert first.shape == second.shape == (64,) and not torch.equal(first, second)
+
+
+def test_local_weights_load_and_a_mismatch_is_named(tmp_path, capsys):
+    from composer_se.config import ModelConfig
+    from composer_se.models import build_module
+    source = cifar_resnet(20)
+    torch.save(source.state_dict(), tmp_path / 'weights.pt')
+    loaded = build_module(ModelConfig(name='resnet20', weights=str(tmp_path / 'weights.pt')))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
+    torch.save({f'module.{k}': v for k, v in source.state_dict().items()}, tmp_path / 'prefixed.pt')
+    assert main([DEMO, *SHRINK, 'model.name=resnet20', f'model.weights={tmp_path}/prefixed.pt']) == 2
+    assert 'does not fit model CIFARResNet: 128 missing key(s): conv1.weight, bn1.weight, bn1.bias and 125 more' in (
+        capsys.readouterr().err)
+
+
+def test_synthetic_recipe_learns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(load_recipe(DEMO, [
+        'model.name=resnet20', 'data.synthetic_train_samples=1024', 'data.synthetic_eval_samples=256',
+        'global_batch_size=64', 'max_duration=3ep', 'loggers.progress_bar=false'
+    ]))
+    trainer.fit()
+    accuracy = float(trainer.state.eval_metrics['eval']['MulticlassAccuracy'].compute())
+    assert accuracy > 0.3  # chance is 0.1

@@ -58,20 +58,27 @@ def build_transform(augmentation: str, image_size: int, train: bool) -> transfor
     return transforms.Compose([*steps, transforms.ToTensor(), v2.Normalize(mean, std)])
 
 
-class StreamingImages(Dataset):
-    """Image classification samples from MDS shards: column ``x`` (an image) and ``y`` (its class)."""
+try:
+    from streaming import StreamingDataset
+except ImportError:  # the streaming extra is not installed; _streaming() says how to get it
+    StreamingDataset = None
 
-    def __init__(self, transform: Callable, **kwargs):
-        from streaming import StreamingDataset
-        self.dataset = StreamingDataset(**kwargs)
-        self.transform = transform
+if StreamingDataset is not None:
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    class StreamingImages(StreamingDataset):
+        """Image classification samples from MDS shards: column ``x`` (an image) and ``y`` (its class).
 
-    def __getitem__(self, index: int):
-        sample = self.dataset[index]
-        return self.transform(sample['x'].convert('RGB')), int(sample['y'])
+        A ``StreamingDataset``: iterating it gives each process (and each dataloader
+        worker) its own share of the samples, shuffled per epoch when ``shuffle=True``.
+        """
+
+        def __init__(self, transform: Callable, **kwargs):
+            super().__init__(**kwargs)
+            self.transform = transform
+
+        def get_item(self, index: int):
+            sample = super().get_item(index)
+            return self.transform(sample['x'].convert('RGB')), int(sample['y'])
 
 
 def _eval_split(config: DataConfig, root: Path) -> str:
@@ -113,17 +120,18 @@ def _cifar10(config: DataConfig, train: bool, transform: Callable) -> datasets.C
         ) from None
 
 
-def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size: int, seed: int) -> StreamingImages:
+def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size: int, seed: int) -> Dataset:
     if not (config.remote or config.local):
         raise RecipeError('data.source=streaming needs data.remote (where the MDS shards are) or data.local')
     split = config.train_split if train else (config.eval_split or 'val')
     if config.remote is None and not os.path.isdir(os.path.join(str(config.local), split)):
-        raise RecipeError(f'data.local {config.local} has no {split}/ folder of MDS shards (index.json)')
-    try:
-        import streaming  # noqa: F401
-    except ImportError:
-        raise RecipeError("data.source=streaming needs mosaicml-streaming: pip install 'composer-se[streaming]'"
-                          ) from None
+        raise RecipeError(f'data.local {config.local} has no {split}/ folder of MDS shards (index.json). Other '
+                          f'sources: {", ".join(SOURCES)}.')
+    if StreamingDataset is None:
+        raise RecipeError("data.source=streaming needs mosaicml-streaming: pip install 'composer-se[streaming]'")
+    if config.max_train_samples is not None or config.max_eval_samples is not None:
+        raise RecipeError('data.max_train_samples and max_eval_samples do not apply to data.source=streaming; write '
+                          'smaller shards instead')
     return StreamingImages(
         transform,
         remote=config.remote,
@@ -160,18 +168,18 @@ def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size:
         raise RecipeError(f'unknown data.source {config.source!r}; choose one of {", ".join(SOURCES)}')
     if config.image_size < 1:
         raise RecipeError(f'data.image_size must be at least 1, got {config.image_size}')
+    if config.source == 'streaming':
+        return _streaming(config, train, build_transform(config.augmentation, config.image_size, train), batch_size,
+                          seed)
     if config.source == 'synthetic':
         samples = config.synthetic_train_samples if train else config.synthetic_eval_samples
         offset = 0 if train else config.synthetic_train_samples
-        return SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
-                               offset=offset)
-    transform = build_transform(config.augmentation, config.image_size, train)
-    if config.source == 'cifar10':
-        dataset: Dataset = _cifar10(config, train, transform)
-    elif config.source == 'imagefolder':
-        dataset = _image_folder(config, train, transform)
+        dataset: Dataset = SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
+                                           offset=offset)
     else:
-        return _streaming(config, train, transform, batch_size, seed)
+        transform = build_transform(config.augmentation, config.image_size, train)
+        reader = _cifar10 if config.source == 'cifar10' else _image_folder
+        dataset = reader(config, train, transform)
     return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)
 
 
@@ -184,7 +192,7 @@ def build_dataloader(config: DataConfig, num_classes: int, train: bool, global_b
     batch_size = global_batch_size // world_size
     dataset = build_dataset(config, num_classes, train, batch_size, seed)
     sampler = None
-    if not isinstance(dataset, StreamingImages):  # streaming shards the data across processes itself
+    if not isinstance(dataset, torch.utils.data.IterableDataset):  # StreamingImages splits the data itself
         sampler = dist.get_sampler(dataset, shuffle=train, drop_last=train)
     loader = DataLoader(
         dataset,

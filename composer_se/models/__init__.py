@@ -52,11 +52,18 @@ def _load_weights(module: nn.Module, path: str) -> None:
         raise RecipeError(f'model.weights file {path} could not be read as a state dict: {error}') from None
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as error:
-        raise RecipeError(f'model.weights file {path} does not fit the model: {str(error).splitlines()[1].strip()}'
-                          ) from None
+    if not isinstance(state, dict):
+        raise RecipeError(f'model.weights file {path} holds a {type(state).__name__}, not a state dict')
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+    for problem, keys in (('missing', missing), ('unexpected', unexpected), ('wrong-shape', wrong_shape)):
+        if keys:
+            shown = ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
+            raise RecipeError(f'model.weights file {path} does not fit model {module.__class__.__name__}: '
+                              f'{len(keys)} {problem} key(s): {shown}')
+    module.load_state_dict(state)
 
 
 def build_model(config: ModelConfig) -> ComposerClassifier:
