@@ -61,11 +61,14 @@ class SqueezeExcite(Algorithm):
             Default: ``None``.
         init (str, optional): ``'default'`` or ``'identity'`` (output-preserving).
             Default: ``'default'``.
+        placement (str, optional): ``'conv'`` (after each qualifying conv, as in
+            Composer's method card) or ``'block'`` (at the end of each residual branch,
+            as in the paper's SE-ResNet). Default: ``'conv'``.
 
     Example:
         >>> from composer_se import SqueezeExcite
         >>> SqueezeExcite(latent_channels=64, min_channels=512, include=['layer3', 'layer4'])
-        composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default')
+        composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default', placement='conv')
     """
 
     def __init__(
@@ -75,21 +78,17 @@ class SqueezeExcite(Algorithm):
         include: Patterns = None,
         exclude: Patterns = None,
         init: str = 'default',
+        placement: str = 'conv',
     ):
-        (self.latent_channels, self.min_channels, self.include, self.exclude, self.init) = validate_hyperparameters(
-            latent_channels,
-            min_channels,
-            include,
-            exclude,
-            init,
-        )
+        (self.latent_channels, self.min_channels, self.include, self.exclude, self.init,
+         self.placement) = validate_hyperparameters(latent_channels, min_channels, include, exclude, init, placement)
         self._recreated_from_checkpoint = False
 
     def _call(self) -> str:
         """The constructor call that rebuilds this algorithm."""
         return (
             f'SqueezeExcite(latent_channels={self.latent_channels!r}, min_channels={self.min_channels!r}, '
-            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r})'
+            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r}, placement={self.placement!r})'
         )
 
     def __repr__(self) -> str:
@@ -129,6 +128,7 @@ class SqueezeExcite(Algorithm):
             include=self.include,
             exclude=self.exclude,
             init=self.init,
+            placement=self.placement,
         )
         log.info(
             f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteConv2d']
+__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteBatchNorm2d', 'SqueezeExciteConv2d']
 
 #: Accepted values of ``init``: ``'default'`` is the paper's block with PyTorch's
 #: default ``Linear`` initialisation; ``'identity'`` makes the block an exact identity
@@ -75,6 +75,17 @@ class SqueezeExcite2d(nn.Module):
         return f'{self.channels}, latent_channels={self.latent_channels}, init={self.init!r}'
 
 
+def _convert(module: nn.Module, base: type, channels: int, block: SqueezeExcite2d, cls: type):
+    """Changes ``module``'s class from exactly ``base`` to ``cls`` and makes ``block`` its ``se`` submodule."""
+    if type(module) is not base:
+        raise TypeError(f'convert_ needs exactly a torch.nn.{base.__name__}, got {type(module).__qualname__}')
+    if block.channels != channels:
+        raise ValueError(f'the SE block has {block.channels} channels but the module has {channels} output channels')
+    module.__class__ = cls
+    module.add_module('se', block)
+    return module
+
+
 class SqueezeExciteConv2d(nn.Conv2d):
     """A :class:`torch.nn.Conv2d` followed by a :class:`SqueezeExcite2d` block.
 
@@ -115,12 +126,60 @@ class SqueezeExciteConv2d(nn.Conv2d):
         may override ``forward``, which this would silently drop), and ``block`` must
         have ``conv.out_channels`` channels.
         """
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f'convert_ needs exactly a torch.nn.Conv2d, got {type(conv).__qualname__}')
-        if block.channels != conv.out_channels:
-            raise ValueError(
-                f'the SE block has {block.channels} channels but the conv has {conv.out_channels} output channels',
-            )
-        conv.__class__ = cls
-        conv.add_module('se', block)
-        return conv  # type: ignore[return-value]
+        return _convert(conv, nn.Conv2d, conv.out_channels, block, cls)
+
+
+class SqueezeExciteBatchNorm2d(nn.BatchNorm2d):
+    """A :class:`torch.nn.BatchNorm2d` followed by a :class:`SqueezeExcite2d` block.
+
+    This is where the paper puts SE in a residual block: after the branch's last
+    BatchNorm, before the addition with the shortcut. Like
+    :class:`SqueezeExciteConv2d`, it *is* the original module: ``weight``, ``bias``,
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` keep their names and
+    the block is the submodule ``se``. The normalisation follows ``BatchNorm2d``
+    exactly (training and eval, ``momentum=None``, ``track_running_stats``); it is
+    written out with ``F.batch_norm`` so that the module stays scriptable.
+
+    Args:
+        num_features (int): ``C``, as for ``BatchNorm2d``.
+        latent_channels (int): ``L``, the hidden width of the SE block. Default: ``64``.
+        init (str, optional): the SE block's ``init``; see :class:`SqueezeExcite2d`.
+            Default: ``'default'``.
+        **kwargs: the other arguments of :class:`torch.nn.BatchNorm2d`.
+    """
+
+    def __init__(self, num_features: int, latent_channels: int = 64, init: str = 'default', **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.se = SqueezeExcite2d(num_features, latent_channels, init=init).to(device=kwargs.get('device'),
+                                                                               dtype=kwargs.get('dtype'))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_stats = not self.training or self.track_running_stats
+        normalised = F.batch_norm(
+            input,
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        return self.se(normalised)
+
+    @classmethod
+    def convert_(cls, norm: nn.BatchNorm2d, block: SqueezeExcite2d) -> 'SqueezeExciteBatchNorm2d':
+        """Turns ``norm`` into a :class:`SqueezeExciteBatchNorm2d` in place and returns it.
+
+        As :meth:`SqueezeExciteConv2d.convert_`: same object, parameters, buffers and
+        hooks; ``norm`` must be exactly a ``torch.nn.BatchNorm2d`` and ``block`` must
+        have ``norm.num_features`` channels.
+        """
+        return _convert(norm, nn.BatchNorm2d, norm.num_features, block, cls)

@@ -20,12 +20,15 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_se.layers import GATE_INITS, SqueezeExcite2d, SqueezeExciteConv2d
+from composer_se.layers import GATE_INITS, SqueezeExcite2d, SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
+from composer_se.placement import PLACEMENTS, Site, find_sites
 
 __all__ = [
     'AddedBlock',
+    'Selection',
     'SqueezeExciteReport',
     'apply_squeeze_excite',
+    'select_sites',
     'resolve_latent_channels',
     'validate_hyperparameters',
 ]
@@ -37,7 +40,7 @@ Patterns = Union[str, Sequence[str], None]
 class AddedBlock:
     """One SE block added by :func:`apply_squeeze_excite`."""
 
-    name: str  #: the convolution's module name, e.g. ``'layer4.0.conv2'``
+    name: str  #: the name of the module it follows, e.g. ``'layer4.0.conv2'`` or ``'layer4.0.bn3'``
     in_channels: int
     out_channels: int
     latent_channels: int  #: ``L``, the block's hidden width
@@ -48,10 +51,10 @@ class AddedBlock:
 class SqueezeExciteReport:
     """What one call of :func:`apply_squeeze_excite` did.
 
-    ``skipped`` lists, as ``(name, reason)``, the convolutions that the channel and
-    name rules selected but that got no new block: those that already have one
-    (ours or Composer's), and subclasses of ``Conv2d``, whose own ``forward`` the
-    conversion would drop.
+    ``skipped`` lists, as ``(name, reason)``, the modules that the channel and name
+    rules selected but that got no new block: those that already have one (ours or
+    Composer's), and subclasses of ``Conv2d`` or ``BatchNorm2d``, whose own ``forward``
+    the conversion would drop.
     """
 
     added: tuple[AddedBlock, ...]
@@ -105,7 +108,8 @@ def validate_hyperparameters(
     include: Patterns = None,
     exclude: Patterns = None,
     init: str = 'default',
-) -> tuple[float, int, tuple[str, ...], tuple[str, ...], str]:
+    placement: str = 'conv',
+) -> tuple[float, int, tuple[str, ...], tuple[str, ...], str, str]:
     """Checks the SE hyperparameters and returns them normalised.
 
     Whole-number floats (``64.0``, as YAML may give them) become ints, pattern
@@ -136,12 +140,15 @@ def validate_hyperparameters(
         )
     if not isinstance(init, str) or init not in GATE_INITS:
         raise ValueError(f'init must be one of {GATE_INITS}, got {init!r}')
+    if not isinstance(placement, str) or placement not in PLACEMENTS:
+        raise ValueError(f'placement must be one of {PLACEMENTS}, got {placement!r}')
     return (
         latent_channels,
         int(min_channels),
         _validate_patterns('include', include),
         _validate_patterns('exclude', exclude),
         init,
+        placement,
     )
 
 
@@ -222,6 +229,57 @@ def _param_index(optimizers: Sequence[Optimizer]) -> dict[int, list[tuple[dict, 
     return index
 
 
+@dataclass
+class Selection:
+    """The outcome of the placement, channel and name rules on a model, before any change."""
+
+    chosen: list[tuple[Site, int]]  #: the sites that get a block, each with its hidden width
+    skipped: list[tuple[str, str]]  #: selected sites left alone: (name, reason)
+    sites: list[Site]  #: every candidate site of the placement
+    unsupported: list[str]  #: skipped sites of a type that cannot be converted, as 'name (Type)'
+
+
+_CONVERTIBLE = {nn.Conv2d: SqueezeExciteConv2d, nn.BatchNorm2d: SqueezeExciteBatchNorm2d}
+
+
+def select_sites(
+    model: nn.Module,
+    latent_channels: float = 64,
+    min_channels: int = 128,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    init: str = 'default',
+    placement: str = 'conv',
+) -> Selection:
+    """Applies the rules of :func:`apply_squeeze_excite` to ``model`` without changing it.
+
+    Validates the arguments like :func:`apply_squeeze_excite` and raises the same errors.
+    """
+    latent_channels, min_channels, include, exclude, init, placement = validate_hyperparameters(
+        latent_channels, min_channels, include, exclude, init, placement)
+    _check_not_wrapped(model)
+    _check_patterns_match(model, 'include', include)
+    _check_patterns_match(model, 'exclude', exclude)
+    sites = find_sites(model, placement)
+    selection = Selection(chosen=[], skipped=[], sites=sites, unsupported=[])
+    for site in sites:
+        if site.channels < min_channels:
+            continue
+        if include and not _matches(site.names, include):
+            continue
+        if exclude and _matches(site.names, exclude):
+            continue
+        name, module = site.names[0], site.module
+        if isinstance(module, tuple(_CONVERTIBLE.values())) or getattr(module, '_already_squeeze_excited', False):
+            selection.skipped.append((name, 'already has an SE block'))
+        elif type(module) not in _CONVERTIBLE:
+            selection.skipped.append((name, f'is a {type(module).__name__}, not exactly a Conv2d or BatchNorm2d'))
+            selection.unsupported.append(f'{name} ({type(module).__name__})')
+        else:
+            selection.chosen.append((site, resolve_latent_channels(latent_channels, site.channels)))
+    return selection
+
+
 def apply_squeeze_excite(
     model: nn.Module,
     latent_channels: float = 64,
@@ -230,42 +288,50 @@ def apply_squeeze_excite(
     include: Patterns = None,
     exclude: Patterns = None,
     init: str = 'default',
+    placement: str = 'conv',
 ) -> SqueezeExciteReport:
-    """Adds a Squeeze-and-Excitation block after every qualifying ``Conv2d`` of ``model``, in place.
+    """Adds Squeeze-and-Excitation blocks to ``model``, in place.
 
-    A :class:`torch.nn.Conv2d` qualifies when its **output** channel count is
-    ``>= min_channels`` and its name passes ``include`` / ``exclude``. (Composer's own
-    ``apply_squeeze_excite`` tests ``min(in_channels, out_channels)``, which its docs
-    do not say; ours follows the method card: output channels only.)
+    With ``placement='conv'`` (the default), a block goes after every
+    :class:`torch.nn.Conv2d` whose **output** channel count is ``>= min_channels`` and
+    whose name passes ``include`` / ``exclude``. (Composer's own
+    ``apply_squeeze_excite`` tests ``min(in_channels, out_channels)``, which its docs do
+    not say; ours follows the method card: output channels only.) With
+    ``placement='block'``, a block goes at the end of the residual branch of every
+    registered residual block (see :mod:`composer_se.placement`) whose branch has
+    ``>= min_channels`` channels: after the branch's last BatchNorm, before the
+    addition, as in the paper's SE-ResNet.
 
-    Each qualifying conv becomes a :class:`~composer_se.layers.SqueezeExciteConv2d` in
-    place, so its parameters keep their names and identity (``layer1.0.conv1.weight``
-    stays; the block's parameters are ``layer1.0.conv1.se.*``), hooks and shared uses
-    survive, and a conv that appears several times in the tree gets one block.
-    Applying again adds nothing to convs that already have a block. Everything is
-    checked and built before the model is touched: on error the model and the
-    optimizers are as they were.
+    Each chosen module becomes a :class:`~composer_se.layers.SqueezeExciteConv2d` or
+    :class:`~composer_se.layers.SqueezeExciteBatchNorm2d` in place, so its parameters
+    keep their names and identity (``layer1.0.conv1.weight`` stays; the block's
+    parameters are ``layer1.0.conv1.se.*``), hooks and shared uses survive, and a
+    module that appears several times in the tree gets one block. Applying again adds
+    nothing where a block already is. Everything is checked and built before the model
+    is touched: on error the model and the optimizers are as they were.
 
     Args:
         model (torch.nn.Module): the model to modify; not wrapped in DDP, FSDP or
             ``torch.compile``.
         latent_channels (int | float, optional): ``L``, the hidden width of each block.
             An integer ``>= 1`` is the width; a float in ``(0, 1)`` is a fraction of the
-            conv's output channels, rounded (half to even), at least 1. Default: ``64``.
-        min_channels (int, optional): a conv gets a block only if its ``out_channels``
-            is at least this. Default: ``128``.
+            channels the block scales, rounded (half to even), at least 1 (``1/16`` is
+            the paper's reduction ratio 16). Default: ``64``.
+        min_channels (int, optional): a module gets a block only if its output has at
+            least this many channels. Default: ``128``.
         optimizers (Optimizer | Sequence[Optimizer], optional): optimizers already
             built over ``model``'s parameters. Each block's parameters join the param
-            group that holds its conv's ``weight`` (so they take that group's
-            learning rate and weight decay). If the conv's weight is in no group (a
-            frozen conv, say) and there is exactly one group in all, they join that
-            one; with several groups to choose from this is an error. Optimizers
-            built after this call see the new parameters anyway. Default: ``None``.
+            group that holds its conv's ``weight`` (for ``placement='block'``, the
+            branch's last conv), so they take that group's learning rate and weight
+            decay. If that weight is in no group (a frozen conv, say) and there is
+            exactly one group in all, they join that one; with several groups to
+            choose from this is an error. Optimizers built after this call see the new
+            parameters anyway. Default: ``None``.
         include (str | Sequence[str], optional): fnmatch patterns on dotted module
-            names; if given, a conv qualifies only if its name or the name of a
+            names; if given, a module qualifies only if its name or the name of a
             module containing it matches one (``'layer3'`` and ``'layer3.*'`` both
-            select everything in ``layer3``). Default: ``None`` (every conv).
-        exclude (str | Sequence[str], optional): patterns of the same kind; a conv
+            select everything in ``layer3``). Default: ``None`` (every module).
+        exclude (str | Sequence[str], optional): patterns of the same kind; a module
             whose name or container matches one is left alone. Default: ``None``.
             A pattern that matches no module name at all is an error (it is almost
             always a typo).
@@ -273,19 +339,21 @@ def apply_squeeze_excite(
             ``'identity'`` (the model computes exactly what it did before, until
             training changes the blocks); see
             :class:`~composer_se.layers.SqueezeExcite2d`. Default: ``'default'``.
+        placement (str, optional): ``'conv'`` or ``'block'``. Default: ``'conv'``.
 
     Returns:
         SqueezeExciteReport: the blocks added (names, widths, parameter counts) and
-        the selected convs that were skipped, with the reason.
+        the selected modules that were skipped, with the reason.
 
     Raises:
-        ValueError: a bad hyperparameter, a pattern that matches nothing, or SE
-            parameters with no param group to join.
+        ValueError: a bad hyperparameter or placement, a pattern that matches nothing,
+            ``placement='block'`` on a model without a registered residual block, or
+            SE parameters with no param group to join.
         TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``.
 
     Warns:
         NoEffectWarning: no block was added.
-        UserWarning: a selected conv is a ``Conv2d`` subclass and was skipped.
+        UserWarning: a selected module is a subclass (of ``Conv2d``, say) and was skipped.
 
     Example:
         >>> import torch, torchvision
@@ -299,100 +367,80 @@ def apply_squeeze_excite(
         330560
         >>> model.layer4[1].conv2.se.fc2.bias is opt.param_groups[0]['params'][-1]
         True
+        >>> paper = apply_squeeze_excite(torchvision.models.resnet18(), 1 / 16, 1, placement='block')
+        >>> paper.names[:2]
+        ['layer1.0.bn2', 'layer1.1.bn2']
     """
-    latent_channels, min_channels, include, exclude, init = validate_hyperparameters(
-        latent_channels,
-        min_channels,
-        include,
-        exclude,
-        init,
-    )
-    _check_not_wrapped(model)
-    _check_patterns_match(model, 'include', include)
-    _check_patterns_match(model, 'exclude', exclude)
+    selection = select_sites(model, latent_channels, min_channels, include, exclude, init, placement)
     optimizers = _as_optimizers(optimizers)
     num_groups = sum(len(opt.param_groups) for opt in optimizers)
     held = _param_index(optimizers)
-
-    # Every name under which each conv instance appears (a shared conv has several).
-    conv_names: dict[nn.Conv2d, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, nn.Conv2d):
-            conv_names.setdefault(module, []).append(name)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
 
     # Plan: decide and build everything before touching the model.
-    planned: list[tuple[nn.Conv2d, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock]] = []
-    skipped: list[tuple[str, str]] = []
-    subclassed: list[str] = []
-    for conv, names in conv_names.items():
-        if conv.out_channels < min_channels:
-            continue
-        if include and not _matches(names, include):
-            continue
-        if exclude and _matches(names, exclude):
-            continue
-        name = names[0]
-        if isinstance(conv, SqueezeExciteConv2d) or getattr(conv, '_already_squeeze_excited', False):
-            skipped.append((name, 'already has an SE block'))
-            continue
-        if type(conv) is not nn.Conv2d:
-            skipped.append((name, f'is a {type(conv).__name__}, a Conv2d subclass with behaviour of its own'))
-            subclassed.append(f'{name} ({type(conv).__name__})')
-            continue
-        # Each target group, with the prefix of the block's parameter names there: they
-        # follow the group's own name for the conv's weight ('module.0.weight' gives
-        # 'module.0.se.fc1.weight', ...).
-        groups = [(group, (weight_name or f'{name}.weight')[:-len('weight')])
-                  for group, weight_name in held.get(id(conv.weight), [])]
+    planned: list[tuple[Site, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock]] = []
+    for site, width in selection.chosen:
+        name = site.names[0]
+        anchor = parameters.get(site.anchor)
+        # Each target group, with the names the block's parameters take there: they
+        # follow the group's own name for the anchor weight ('module.0.weight' for
+        # '0.weight' gives 'module.0.se.fc1.weight', ...).
+        groups = []
+        for group, group_name in (held.get(id(anchor), []) if anchor is not None else []):
+            outer = group_name[:-len(site.anchor)] if group_name and group_name.endswith(site.anchor) else ''
+            groups.append((group, f'{outer}{name}.se.' if name else f'{outer}se.'))
         if optimizers and not groups:
             if num_groups != 1:
                 raise ValueError(
-                    f'the weight of conv {name!r} is in none of the {num_groups} optimizer param groups, so the '
-                    f'group for its SE parameters is ambiguous. Build the optimizer after applying SE, or leave '
-                    f'this conv out with exclude=[{name!r}].',
+                    f'the weight {site.anchor!r} that decides the param group of the SE block at {name!r} is in '
+                    f'none of the {num_groups} optimizer param groups, so the group is ambiguous. Build the '
+                    f'optimizer after applying SE, or leave this module out with exclude=[{name!r}].',
                 )
-            groups = [(optimizers[0].param_groups[0], f'{name}.' if name else '')]
-        width = resolve_latent_channels(latent_channels, conv.out_channels)
-        block = SqueezeExcite2d(conv.out_channels, width, init=init)
-        block.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        block.train(conv.training)
+            groups = [(optimizers[0].param_groups[0], f'{name}.se.' if name else 'se.')]
+        reference = next(iter(site.module.parameters()), None)
+        block = SqueezeExcite2d(site.channels, width, init=init)
+        if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
+            block.to(device=reference.device, dtype=reference.dtype)
+        block.train(site.module.training)
         added = AddedBlock(
             name=name,
-            in_channels=conv.in_channels,
-            out_channels=conv.out_channels,
+            in_channels=site.in_channels,
+            out_channels=site.channels,
             latent_channels=width,
             num_params=sum(p.numel() for p in block.parameters()),
         )
-        planned.append((conv, block, groups, added))
+        planned.append((site, block, groups, added))
 
     # Commit: nothing below can fail.
-    for conv, block, groups, _ in planned:
-        SqueezeExciteConv2d.convert_(conv, block)
+    for site, block, groups, _ in planned:
+        _CONVERTIBLE[type(site.module)].convert_(site.module, block)
         for group, prefix in groups:
             for param_name, param in block.named_parameters():
                 group['params'].append(param)
                 if 'param_names' in group:
-                    group['param_names'].append(f'{prefix}se.{param_name}')
+                    group['param_names'].append(prefix + param_name)
 
-    report = SqueezeExciteReport(added=tuple(item[3] for item in planned), skipped=tuple(skipped))
-    if subclassed:
+    report = SqueezeExciteReport(added=tuple(item[3] for item in planned), skipped=tuple(selection.skipped))
+    if selection.unsupported:
         warnings.warn(
-            f'SE was not added after these selected convs, which are Conv2d subclasses whose own forward the '
-            f'conversion would drop: {", ".join(subclassed)}',
+            f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
+            f'would drop: {", ".join(selection.unsupported)}',
             UserWarning,
         )
     if not planned:
-        warnings.warn(NoEffectWarning(_no_effect_message(conv_names, min_channels, skipped)))
+        warnings.warn(NoEffectWarning(_no_effect_message(selection, min_channels, placement)))
     return report
 
 
-def _no_effect_message(conv_names: dict[nn.Conv2d, list[str]], min_channels: int, skipped: list) -> str:
-    if not conv_names:
-        return 'SqueezeExcite added no block: the model has no torch.nn.Conv2d.'
-    if skipped:
-        return f'SqueezeExcite added no block: the {len(skipped)} selected convs were skipped ({skipped[0][1]}, ...).'
-    widest = max(conv.out_channels for conv in conv_names)
+def _no_effect_message(selection: Selection, min_channels: int, placement: str) -> str:
+    what = 'torch.nn.Conv2d' if placement == 'conv' else 'residual branch'
+    if not selection.sites:
+        return f'SqueezeExcite added no block: the model has no {what}.'
+    if selection.skipped:
+        skipped = selection.skipped
+        return f'SqueezeExcite added no block: the {len(skipped)} selected modules were skipped ({skipped[0][1]}, ...).'
+    widest = max(site.channels for site in selection.sites)
     return (
-        f'SqueezeExcite added no block: no Conv2d passed the name patterns with out_channels >= min_channels='
-        f'{min_channels} (the largest out_channels in the model is {widest}).'
+        f'SqueezeExcite added no block: no {what} passed the name patterns with at least min_channels={min_channels} '
+        f'output channels (the largest out_channels in the model is {widest}).'
     )

@@ -26,7 +26,7 @@ from composer.utils import dist, reproducibility
 from composer_se.builders import build_algorithms, build_loggers, build_optimizer, build_scheduler
 from composer_se.config import RecipeConfig, RecipeError, load_recipe
 from composer_se.data.loaders import build_dataloader
-from composer_se.layers import SqueezeExciteConv2d
+from composer_se.layers import SqueezeExcite2d
 from composer_se.models import build_model
 
 __all__ = ['build_trainer', 'main', 'weights_fingerprint']
@@ -126,8 +126,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RecipeError as error:
         print(f'{rank}composer_se.train: error: {error}', file=sys.stderr)
         return 2
-    blocks = [name for name, m in trainer.state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
-    added = sum(p.numel() for name in blocks for p in trainer.state.model.get_submodule(name).se.parameters())
+    blocks = [m for m in trainer.state.model.modules() if isinstance(m, SqueezeExcite2d)]
+    added = sum(p.numel() for block in blocks for p in block.parameters())
     print(f'{rank}SqueezeExcite: {len(blocks)} SE blocks ({added:,} parameters)', flush=True)
     trainer.fit()
     timestamp = trainer.state.timestamp

@@ -75,7 +75,7 @@ def test_repr_shows_hyperparameters_and_rebuilds_the_algorithm():
                               init='identity')
     text = repr(algorithm)
     assert text == ("composer_se.SqueezeExcite(latent_channels=0.25, min_channels=256, include=('layer3',), "
-                    "exclude=('*.downsample*',), init='identity')")
+                    "exclude=('*.downsample*',), init='identity', placement='conv')")
     rebuilt = eval(text, {'composer_se': composer_se})
     assert type(rebuilt) is SqueezeExcite and repr(rebuilt) == text
     assert algorithm.state_dict() == {'repr': text}

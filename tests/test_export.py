@@ -10,12 +10,18 @@ from composer_se import apply_squeeze_excite
 from tests.conftest import small_cnn
 
 
-@pytest.fixture(scope='module')
-def se_resnet():
+@pytest.fixture(scope='module', params=['conv', 'block'])
+def se_resnet(request):
+    """ResNet-18 with SE after its convs of 128+ channels, or at the end of every residual branch."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    report = apply_squeeze_excite(model, latent_channels=16, min_channels=128)
-    assert report.num_blocks == 15
+    report = apply_squeeze_excite(model, latent_channels=16, min_channels=128 if request.param == 'conv' else 1,
+                                  placement=request.param)
+    assert report.num_blocks == (15 if request.param == 'conv' else 8)
+    for module in model.modules():  # non-trivial running statistics, so eval-mode BN matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2)
     return model.eval()
 
 
@@ -39,11 +45,16 @@ def test_torchscript(se_resnet, images, how, tmp_path):
     torch.testing.assert_close(eager(loaded, other), eager(se_resnet, other))
 
 
-def test_torch_compile_forward_and_backward_match_eager():
-    # A small model: inductor takes about a minute to compile a whole ResNet-18 on 2 CPU cores.
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+def test_torch_compile_forward_and_backward_match_eager(placement):
+    # Small models: inductor takes about a minute to compile a whole ResNet-18 on 2 CPU cores.
     torch.manual_seed(0)
-    model = small_cnn()
-    apply_squeeze_excite(model, latent_channels=4, min_channels=16)
+    if placement == 'conv':
+        model = small_cnn()
+        assert apply_squeeze_excite(model, latent_channels=4, min_channels=16).num_blocks == 2
+    else:
+        model = torch.nn.Sequential(torchvision.models.resnet.BasicBlock(3, 3))
+        assert apply_squeeze_excite(model, latent_channels=2, min_channels=1, placement='block').num_blocks == 1
     x = torch.randn(4, 3, 12, 12)
     expected_out = model(x)
     expected_out.square().mean().backward()

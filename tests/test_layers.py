@@ -125,7 +125,7 @@ def test_convert_refuses_subclasses_and_wrong_widths():
     with pytest.raises(TypeError, match='exactly a torch.nn.Conv2d, got .*MyConv'):
         SqueezeExciteConv2d.convert_(MyConv(3, 8, 3), SqueezeExcite2d(8, 2))
     conv = nn.Conv2d(3, 8, 3)
-    with pytest.raises(ValueError, match='4 channels but the conv has 8'):
+    with pytest.raises(ValueError, match='4 channels but the module has 8 output channels'):
         SqueezeExciteConv2d.convert_(conv, SqueezeExcite2d(4, 2))
     assert type(conv) is nn.Conv2d and not hasattr(conv, 'se')
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer_se import SqueezeExciteConv2d
+from composer_se import SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
 from composer_se.builders import ALGORITHMS, build_algorithms
 from composer_se.config import RecipeConfig, load_recipe
 from composer_se.models import cifar_resnet
 from composer_se.train import build_trainer, main
 from tests.recipes import SHRINK, YAMLS, write_image_tree, write_mds
 
+SE_MODULES = (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d)
 SE_BLOCKS = {
     'resnet56_cifar10.yaml': 19,  # the 18 convs of stage 3 and its downsampling conv
     'resnet56_synthetic_demo.yaml': 19,
     'resnet50_imagenet.yaml': 22,
+    'se_resnet50_imagenet.yaml': 16,  # one per bottleneck: the paper's placement
     'resnet56_cifar10_baseline.yaml': 0,
     'resnet50_imagenet_baseline.yaml': 0,
 }
@@ -23,7 +25,8 @@ DEMO = str([path for path in YAMLS if path.name == 'resnet56_synthetic_demo.yaml
 
 
 def se_blocks(trainer) -> list[str]:
-    return [name for name, m in trainer.state.model.named_modules() if isinstance(m, SqueezeExciteConv2d)]
+    """The names of the modules that carry an SE block (convs, or BatchNorms for placement='block')."""
+    return [name for name, m in trainer.state.model.named_modules() if isinstance(m, SE_MODULES)]
 
 
 def fit(recipe: str, *overrides: str):

@@ -358,7 +358,8 @@ def test_frozen_conv_with_several_groups_is_an_error_and_changes_nothing():
     model = small_cnn()
     opt = torch.optim.SGD([{'params': [model[3][0].weight]}, {'params': [model[4].weight]}], lr=0.1)
     before, groups_before = snapshot(model), [list(g['params']) for g in opt.param_groups]
-    with pytest.raises(ValueError, match=r"weight of conv '0' is in none of the 2 optimizer param groups.*exclude=\['0'\]"):
+    with pytest.raises(ValueError, match=r"the weight '0.weight' that decides the param group of the SE block at '0' is in none of the "
+                       r"2 optimizer param groups.*exclude=\['0'\]"):
         apply_squeeze_excite(model, latent_channels=4, min_channels=16, optimizers=opt)
     assert_unchanged(model, before)
     assert [list(g['params']) for g in opt.param_groups] == groups_before

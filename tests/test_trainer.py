@@ -112,7 +112,7 @@ def test_loading_without_the_algorithm_says_to_add_it(checkpoints, composer_se_c
         cause = info.value.__cause__
         assert isinstance(cause, RuntimeError)
         assert 'Add the algorithm: `from composer_se import SqueezeExcite`' in str(cause)
-        assert "algorithms=[SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default')]" in str(
+        assert "algorithms=[SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default', placement='conv')]" in str(
             cause)
     assert composer_se_calls == []
 

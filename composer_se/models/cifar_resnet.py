@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from composer_se.placement import register_residual_block
+
 __all__ = ['BasicBlock', 'CIFARResNet', 'cifar_resnet']
 
 #: depth -> blocks per stage
@@ -40,6 +42,9 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.downsample(x))
+
+
+register_residual_block(BasicBlock, 'bn2')  # SE with placement='block' goes after bn2, before the addition
 
 
 class CIFARResNet(nn.Module):

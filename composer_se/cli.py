@@ -1,0 +1,97 @@
+"""The ``composer-se`` command: ``composer-se plan MODEL ...`` shows where SE goes and what it costs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fractions import Fraction
+from typing import Optional
+
+import torch
+
+from composer_se.config import ModelConfig, RecipeError, load_recipe
+from composer_se.placement import PLACEMENTS
+from composer_se.plan import FORMATS, format_plan, plan_squeeze_excite
+
+__all__ = ['main']
+
+DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+
+
+def _number(text: str) -> float:
+    """``64``, ``0.0625`` or ``1/16``."""
+    try:
+        return float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number (e.g. 64, 0.0625 or 1/16)') from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='composer-se', description='Squeeze-and-Excitation for Composer.')
+    commands = parser.add_subparsers(dest='command', required=True)
+    plan = commands.add_parser(
+        'plan',
+        help='show where SE blocks would go and what they would cost',
+        description='Show one row per SE block that SqueezeExcite would add to MODEL (module, in->out channels, '
+        'feature map size, hidden width, parameters, FLOPs and activation bytes per image), totals against the '
+        'unmodified model, and how many blocks each min_channels would add. Options left out come from the '
+        "recipe's squeeze_excite entry when MODEL is a recipe, else from SqueezeExcite's defaults.",
+    )
+    plan.add_argument('model', help='a torchvision classification model (resnet50, ...), resnet20/resnet56/resnet110, '
+                      'or a recipe YAML file')
+    plan.add_argument('--input-size', type=int, nargs='+', metavar='PIXELS',
+                      help='image height (and width); default: the recipe\'s data.image_size, else 224')
+    plan.add_argument('--num-classes', type=int, help='classifier outputs (default: the recipe\'s, else 1000 for '
+                      'torchvision models and 10 for CIFAR ResNets)')
+    plan.add_argument('--latent-channels', type=_number, help='hidden width, or a fraction such as 1/16 (default 64)')
+    plan.add_argument('--min-channels', type=int, help='minimum channels of a module that gets SE (default 128)')
+    plan.add_argument('--include', nargs='+', metavar='PATTERN', help='module-name patterns to restrict SE to')
+    plan.add_argument('--exclude', nargs='+', metavar='PATTERN', help='module-name patterns to leave out')
+    plan.add_argument('--placement', choices=PLACEMENTS, help="'conv' (default) or 'block' (the paper's)")
+    plan.add_argument('--dtype', choices=sorted(DTYPE_BYTES), default='float32', help='activation type for the '
+                      'traffic bytes (default float32)')
+    plan.add_argument('--format', choices=FORMATS, default='table', help='output format (default table)')
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> str:
+    from composer_se.models import CIFAR_NAMES, build_module
+    options = {'latent_channels': 64, 'min_channels': 128, 'include': None, 'exclude': None, 'placement': 'conv'}
+    if args.model.endswith(('.yaml', '.yml')):
+        recipe = load_recipe(args.model)
+        model_config = recipe.model
+        options.update({k: v for k, v in (recipe.algorithms.get('squeeze_excite') or {}).items() if k in options})
+        size = recipe.data.image_size
+    else:
+        model_config = ModelConfig(name=args.model, num_classes=10 if args.model in CIFAR_NAMES else 1000)
+        size = 224
+    if args.num_classes is not None:
+        model_config.num_classes = args.num_classes
+    model_config.weights = None  # shapes only: the planner never reads weights
+    for key in options:
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.input_size:
+        if len(args.input_size) > 2:
+            raise ValueError(f'--input-size takes a height and an optional width, got {args.input_size}')
+        height, width = args.input_size[0], args.input_size[-1]
+    else:
+        height = width = size
+    with torch.device('meta'):
+        model = build_module(model_config)
+    plan = plan_squeeze_excite(model, (height, width), bytes_per_element=DTYPE_BYTES[args.dtype], **options)
+    return format_plan(plan, args.format)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        print(_plan(args))
+    except (RecipeError, ValueError, TypeError) as error:
+        print(f'composer-se {args.command}: error: {error}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

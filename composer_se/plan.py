@@ -1,0 +1,222 @@
+"""The planner: where SE blocks would go in a model and what they would cost, before training.
+
+:func:`plan_squeeze_excite` applies the same rules as
+:func:`~composer_se.surgery.apply_squeeze_excite` (it calls the same selection code)
+to a model, runs the model once on a ``meta`` tensor to learn every feature map's
+size, and returns a :class:`Plan`: one :class:`PlanRow` per SE block, totals against
+the unmodified model, and the method card's advice for choosing ``min_channels``.
+Nothing is allocated or computed on real tensors, so it is instant even for large
+models.
+
+Costs per block, for ``C`` channels, hidden width ``L`` and an ``H x W`` feature map,
+per image:
+
+- parameters: ``2 * C * L + L + C`` (two linear layers with biases);
+- FLOPs: ``4 * C * L``, the two matrix products, counted as
+  ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOPs; the pooling,
+  sigmoid and scaling are memory-bound and counted as traffic instead);
+- activation traffic: ``3 * C * H * W`` elements: the block reads the feature map once
+  to average it and once to scale it, and writes the scaled map.
+
+The model's own traffic is the input plus output bytes of each of its leaf modules,
+per image, the same crude measure; the percentages compare like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from composer_se.surgery import Patterns, resolve_latent_channels, select_sites, validate_hyperparameters
+
+__all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
+
+FORMATS = ('table', 'markdown', 'json')
+
+
+@dataclass
+class PlanRow:
+    """One SE block the surgery would add."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    latent_channels: int
+    params: int
+    flops: int
+    traffic_bytes: int  #: activation bytes the block reads and writes per image
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow]
+    input_size: tuple[int, int]
+    bytes_per_element: int
+    model_params: int
+    model_flops: int  #: per image, as torch.utils.flop_counter counts them
+    model_traffic_bytes: int  #: input + output bytes of every leaf module, per image
+    largest_channels: int  #: the widest site (conv output or residual branch) in the model
+    #: min_channels -> (blocks, parameters added), for each distinct site width
+    candidates: dict[int, tuple[int, int]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(row.params for row in self.rows)
+
+    @property
+    def flops(self) -> int:
+        return sum(row.flops for row in self.rows)
+
+    @property
+    def traffic_bytes(self) -> int:
+        return sum(row.traffic_bytes for row in self.rows)
+
+
+def _leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def plan_squeeze_excite(
+    model: nn.Module,
+    input_size: tuple[int, int] = (224, 224),
+    latent_channels: float = 64,
+    min_channels: int = 128,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    placement: str = 'conv',
+    bytes_per_element: int = 4,
+) -> Plan:
+    """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
+
+    ``model`` is not changed: the planner works on a copy on the ``meta`` device. Its
+    input is a batch of one 3-channel image of ``input_size`` (height, width).
+    ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16.
+    """
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise ValueError(f'input_size must be (height, width) with both >= 1, got {input_size!r}')
+    if bytes_per_element not in (1, 2, 4, 8):
+        raise ValueError(f'bytes_per_element must be 1, 2, 4 or 8, got {bytes_per_element!r}')
+    latent_channels, min_channels, include, exclude, _, placement = validate_hyperparameters(
+        latent_channels, min_channels, include, exclude, placement=placement)
+    meta = copy.deepcopy(model).to('meta') if any(p.device.type != 'meta' for p in model.parameters()) else model
+    meta.eval()
+    selection = select_sites(meta, latent_channels, min_channels, include, exclude, placement=placement)
+
+    shapes: dict[nn.Module, torch.Size] = {}
+    traffic = [0]
+
+    def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            shapes.setdefault(module, output.shape)
+            if _leaf(module):
+                elements = output.numel() + sum(x.numel() for x in inputs if isinstance(x, torch.Tensor))
+                traffic[0] += elements * bytes_per_element
+
+    hooks = [module.register_forward_hook(record) for module in meta.modules()]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            meta(torch.empty(1, 3, *input_size, device='meta'))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    rows = []
+    for site, width in selection.chosen:
+        shape = shapes.get(site.module)
+        if shape is None or len(shape) != 4:
+            raise ValueError(f'module {site.names[0]!r} did not produce a 4-D feature map in the forward pass, so its '
+                             f'SE cost cannot be planned')
+        channels, height, width_px = int(shape[1]), int(shape[2]), int(shape[3])
+        rows.append(PlanRow(
+            name=site.names[0],
+            in_channels=site.in_channels,
+            out_channels=channels,
+            height=height,
+            width=width_px,
+            latent_channels=width,
+            params=2 * channels * width + width + channels,
+            flops=4 * channels * width,
+            traffic_bytes=3 * channels * height * width_px * bytes_per_element,
+        ))
+
+    widths = sorted({site.channels for site in selection.sites})
+    candidates = {}
+    for threshold in widths:
+        chosen = [site for site in selection.sites if site.channels >= threshold]
+        added = 0
+        for site in chosen:
+            hidden = resolve_latent_channels(latent_channels, site.channels)
+            added += 2 * site.channels * hidden + hidden + site.channels
+        candidates[threshold] = (len(chosen), added)
+    return Plan(
+        rows=rows,
+        input_size=(int(input_size[0]), int(input_size[1])),
+        bytes_per_element=bytes_per_element,
+        model_params=sum(p.numel() for p in meta.parameters()),
+        model_flops=int(counter.get_total_flops()),
+        model_traffic_bytes=traffic[0],
+        largest_channels=widths[-1] if widths else 0,
+        candidates=candidates,
+        settings={
+            'latent_channels': latent_channels,
+            'min_channels': min_channels,
+            'include': list(include),
+            'exclude': list(exclude),
+            'placement': placement,
+        },
+    )
+
+
+def _percent(part: int, whole: int) -> str:
+    return f'{100 * part / whole:.2f}%' if whole else 'n/a'
+
+
+def _table(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+        return lines + ['| ' + ' | '.join(row) + ' |' for row in body]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
+    line = lambda cells: '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(header), line(['-' * w for w in widths])] + [line(row) for row in body]
+
+
+def format_plan(plan: Plan, style: str = 'table') -> str:
+    """The plan as an aligned text table, a Markdown table or JSON."""
+    if style not in FORMATS:
+        raise ValueError(f'format must be one of {FORMATS}, got {style!r}')
+    if style == 'json':
+        document = asdict(plan)
+        document['candidates'] = {str(k): {'blocks': v[0], 'params': v[1]} for k, v in plan.candidates.items()}
+        document['totals'] = {'blocks': len(plan.rows), 'params': plan.params, 'flops': plan.flops,
+                              'traffic_bytes': plan.traffic_bytes}
+        return json.dumps(document, indent=2)
+    markdown = style == 'markdown'
+    header = ['module', 'in->out', 'HxW', 'hidden', 'params', 'FLOPs', 'traffic (bytes)']
+    body = [[row.name, f'{row.in_channels}->{row.out_channels}', f'{row.height}x{row.width}', str(row.latent_channels),
+             f'{row.params:,}', f'{row.flops:,}', f'{row.traffic_bytes:,}'] for row in plan.rows]
+    settings = ', '.join(f'{k}={v!r}' for k, v in plan.settings.items())
+    lines = [f'SE plan at {plan.input_size[0]}x{plan.input_size[1]} ({settings}), per image:', '']
+    lines += _table(header, body, markdown)
+    lines += [
+        '',
+        f'{len(plan.rows)} SE blocks add {plan.params:,} parameters ({_percent(plan.params, plan.model_params)} of '
+        f'{plan.model_params:,}, making {plan.model_params + plan.params:,}), {plan.flops:,} FLOPs ({_percent(plan.flops, plan.model_flops)} of '
+        f'{plan.model_flops:,}) and {plan.traffic_bytes:,} bytes of activation traffic '
+        f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}).',
+        '',
+        f'Method card advice: min_channels=512 for ImageNet-scale models; for smaller ones, the largest output channel '
+        f'count, here {plan.largest_channels}. Blocks and parameters for each min_channels:',
+        '',
+    ]
+    lines += _table(['min_channels', 'blocks', 'params'],
+                    [[str(k), str(v[0]), f'{v[1]:,}'] for k, v in plan.candidates.items()], markdown)
+    return '\n'.join(lines)

@@ -1,0 +1,123 @@
+"""The planner (composer-se plan): rows pinned by hand, and agreement with real surgery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+from composer_se import apply_squeeze_excite
+from composer_se.cli import main
+from composer_se.models import cifar_resnet
+from composer_se.plan import format_plan, plan_squeeze_excite
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows_by_name(plan) -> dict:
+    return {row.name: row for row in plan.rows}
+
+
+def test_resnet50_rows_match_hand_computation():
+    plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), latent_channels=64, min_channels=512)
+    rows = rows_by_name(plan)
+    # layer2.0.conv3: 1x1, 128 -> 512 channels at 28x28. Params 2*512*64 + 64 + 512; FLOPs 2 matmuls of
+    # 512x64 at 2 FLOPs per multiply-add; traffic: read 512*28*28 twice and write it once, 4 bytes each.
+    row = rows['layer2.0.conv3']
+    assert (row.in_channels, row.out_channels, row.height, row.width, row.latent_channels) == (128, 512, 28, 28, 64)
+    assert (row.params, row.flops, row.traffic_bytes) == (66_112, 131_072, 4_816_896)
+    # layer4.0.conv2: the strided 3x3 of the first bottleneck of stage 4: 512 -> 512 at 7x7.
+    row = rows['layer4.0.conv2']
+    assert (row.in_channels, row.out_channels, row.height, row.width) == (512, 512, 7, 7)
+    assert (row.params, row.flops, row.traffic_bytes) == (66_112, 131_072, 301_056)
+    # layer4.2.conv3: 512 -> 2048 at 7x7.
+    row = rows['layer4.2.conv3']
+    assert (row.params, row.flops, row.traffic_bytes) == (2 * 2048 * 64 + 64 + 2048, 4 * 2048 * 64, 3 * 2048 * 49 * 4)
+    assert (plan.model_params, len(plan.rows), plan.params) == (25_557_032, 22, 2_709_376)
+
+
+def test_paper_placement_plan_says_28_1_million():
+    plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), 1 / 16, 1, placement='block')
+    row = rows_by_name(plan)['layer1.0.bn3']
+    assert (row.out_channels, row.height, row.latent_channels, row.params, row.traffic_bytes) == (256, 56, 16, 8_464,
+                                                                                                 9_633_792)
+    assert len(plan.rows) == 16 and plan.model_params + plan.params == 28_088_024
+    assert 'making 28,088,024' in format_plan(plan)
+
+
+@pytest.mark.parametrize('build, kwargs', [
+    (torchvision.models.resnet50, dict(latent_channels=64, min_channels=512)),
+    (torchvision.models.resnet50, dict(latent_channels=1 / 16, min_channels=1, placement='block')),
+    (torchvision.models.resnet18, dict(latent_channels=0.25, min_channels=64, include=['layer3'], exclude='*downsample*')),
+    (lambda: cifar_resnet(56), dict(latent_channels=64, min_channels=64)),
+], ids=['r50-conv', 'r50-block', 'r18-patterns', 'r56'])
+def test_plan_agrees_with_surgery(build, kwargs):
+    model = build()
+    size = 64
+    plan = plan_squeeze_excite(model, (size, size), **kwargs)
+    with torch.device('meta'):
+        meta = build()
+    x = torch.empty(1, 3, size, size, device='meta')
+    with FlopCounterMode(display=False) as base_counter:
+        meta(x)
+    report = apply_squeeze_excite(meta, **kwargs)
+    with FlopCounterMode(display=False) as se_counter:
+        meta(x)
+    assert [row.name for row in plan.rows] == report.names
+    assert [row.latent_channels for row in plan.rows] == [block.latent_channels for block in report.added]
+    assert plan.params == report.num_params
+    assert plan.flops == se_counter.get_total_flops() - base_counter.get_total_flops()
+    assert plan.model_flops == base_counter.get_total_flops()
+    assert sum(p.numel() for p in model.parameters()) == plan.model_params  # the model itself is untouched
+
+
+def test_method_card_advice_lists_each_threshold():
+    plan = plan_squeeze_excite(cifar_resnet(56), (32, 32), latent_channels=64, min_channels=64)
+    assert plan.largest_channels == 64
+    assert plan.candidates[64][0] == 19 and plan.candidates[32][0] == 19 + 18 + 1
+    assert plan.candidates[16][0] == 1 + 18 + 19 + 19
+
+
+def test_formats():
+    plan = plan_squeeze_excite(cifar_resnet(20), (32, 32), latent_channels=8, min_channels=64)
+    markdown = format_plan(plan, 'markdown')
+    assert '| layer3.0.conv1 | 32->64 | 8x8 | 8 |' in markdown
+    document = json.loads(format_plan(plan, 'json'))
+    assert document['totals']['blocks'] == 7 and document['rows'][0]['name'] == 'layer3.0.conv1'
+    assert document['candidates']['64'] == {'blocks': 7, 'params': plan.params}
+    with pytest.raises(ValueError, match='format must be one of'):
+        format_plan(plan, 'html')
+
+
+def test_cli_plans_a_named_model_and_a_recipe(capsys):
+    assert main(['plan', 'resnet56', '--input-size', '32', '--min-channels', '64', '--latent-channels', '1/4']) == 0
+    out = capsys.readouterr().out
+    assert 'SE plan at 32x32' in out and '19 SE blocks add' in out and 'layer3.8.conv2' in out
+    assert main(['plan', str(ROOT / 'yamls' / 'resnet50_imagenet.yaml'), '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['input_size'] == [224, 224] and document['totals']['blocks'] == 22
+    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml')]) == 0
+    assert '16 SE blocks add 2,530,992 parameters' in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(['plan', 'resnet5O']) == 2
+    assert "unknown model.name 'resnet5O'" in capsys.readouterr().err
+    assert main(['plan', 'resnet20', '--latent-channels', '1.5']) == 2
+    assert 'latent_channels >= 1 must be a whole number' in capsys.readouterr().err
+    assert main(['plan', 'vgg11', '--placement', 'block']) == 2
+    assert 'placement="block" found no residual block' in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name('composer-se')
+    result = subprocess.run([str(script), 'plan', 'resnet20', '--input-size', '32', '--min-channels', '64',
+                             '--format', 'markdown'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '7 SE blocks add' in result.stdout
