@@ -7,12 +7,10 @@ import types
 from typing import Optional
 
 import composer.algorithms
-import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.models import ComposerClassifier
 
-from composer_se.surgery import Patterns, apply_squeeze_excite, validate_hyperparameters
+from composer_se.surgery import Patterns, apply_squeeze_excite, network_of, validate_hyperparameters
 
 __all__ = ['SqueezeExcite']
 
@@ -121,7 +119,7 @@ class SqueezeExcite(Algorithm):
                 f'`Trainer(..., algorithms=[{self._call()}])`.',
             )
         report = apply_squeeze_excite(
-            _network(state.model),
+            network_of(state.model),
             latent_channels=self.latent_channels,
             min_channels=self.min_channels,
             optimizers=state.optimizers,
@@ -138,11 +136,6 @@ class SqueezeExcite(Algorithm):
             'squeeze_excite/num_squeeze_excite_layers': report.num_blocks,
             'squeeze_excite/num_params_added': report.num_params,
         })
-
-
-def _network(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose names ``include`` / ``exclude`` refer to: the network inside a ComposerClassifier."""
-    return model.module if isinstance(model, ComposerClassifier) else model
 
 
 def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:

@@ -30,7 +30,8 @@ def register_residual_block(block_type: type, branch_end: str) -> None:
         block_type (type): a ``torch.nn.Module`` subclass (its subclasses are covered too).
         branch_end (str): the dotted name, inside the block, of the module whose output
             is the residual branch just before it is added to the shortcut: ``'bn3'`` for
-            torchvision's ``Bottleneck``. It must be a ``Conv2d`` or a ``BatchNorm2d``.
+            torchvision's ``Bottleneck``. It must be a ``Conv2d`` or a ``BatchNorm2d``
+            (``find_sites`` raises otherwise).
 
     Example:
         >>> from torch import nn
@@ -73,6 +74,7 @@ class Site:
     module: nn.Module
     names: list[str]
     anchor: str
+    block_in_channels: int | None = None  #: for placement='block': the residual block's input channels
 
     @property
     def channels(self) -> int:
@@ -82,6 +84,9 @@ class Site:
 
     @property
     def in_channels(self) -> int:
+        """The conv's input channels, or the residual block's for a branch end."""
+        if self.block_in_channels is not None:
+            return self.block_in_channels
         module = self.module
         return module.in_channels if isinstance(module, nn.Conv2d) else self.channels
 
@@ -104,11 +109,11 @@ def find_sites(model: nn.Module, placement: str) -> list[Site]:
         raise ValueError(f'placement must be one of {PLACEMENTS}, got {placement!r}')
     sites: dict[nn.Module, Site] = {}
 
-    def add(module: nn.Module, name: str, anchor: str) -> None:
+    def add(module: nn.Module, name: str, anchor: str, block_in_channels: int | None = None) -> None:
         if module in sites:
             sites[module].names.append(name)
         else:
-            sites[module] = Site(module, [name], anchor)
+            sites[module] = Site(module, [name], anchor, block_in_channels)
 
     for name, module in model.named_modules(remove_duplicate=False):
         if placement == 'conv':
@@ -125,7 +130,14 @@ def find_sites(model: nn.Module, placement: str) -> list[Site]:
                 f'residual block {name!r} ({type(module).__name__}) has no submodule {branch_end!r}, where its '
                 f'registration says its branch ends',
             ) from None
-        add(end, _join(name, branch_end), _join(name, _branch_anchor(module, branch_end)))
+        if not isinstance(end, (nn.Conv2d, nn.BatchNorm2d)):
+            raise ValueError(
+                f'residual block {name!r} ({type(module).__name__}) ends its branch with {branch_end!r}, a '
+                f'{type(end).__name__}; SE can follow only a Conv2d or a BatchNorm2d there',
+            )
+        first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+        add(end, _join(name, branch_end), _join(name, _branch_anchor(module, branch_end)),
+            first_conv.in_channels if first_conv is not None else None)
     if placement == 'block' and not sites:
         known = ', '.join(sorted(f'{t.__module__}.{t.__qualname__}' for t in _BRANCH_ENDS))
         raise ValueError(

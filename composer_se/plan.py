@@ -5,8 +5,9 @@
 to a model, runs the model once on a ``meta`` tensor to learn every feature map's
 size, and returns a :class:`Plan`: one :class:`PlanRow` per SE block, totals against
 the unmodified model, and the method card's advice for choosing ``min_channels``.
-Nothing is allocated or computed on real tensors, so it is instant even for large
-models.
+It works on a copy of the model whose weights are ``meta`` tensors: no weight is
+copied, no activation is allocated and nothing is computed, so it is instant even for
+large models, and the model itself is left as it was.
 
 Costs per block, for ``C`` channels, hidden width ``L`` and an ``H x W`` feature map,
 per image:
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from composer_se.surgery import Patterns, resolve_latent_channels, select_sites, validate_hyperparameters
+from composer_se.surgery import Patterns, network_of, select_sites, validate_hyperparameters
 
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
 
@@ -85,6 +86,20 @@ def _leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (nothing is duplicated)."""
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(torch.empty_like(param, device='meta'), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device='meta')
+    return copy.deepcopy(model, memo)
+
+
+def _added_params(channels: int, hidden: int) -> int:
+    return 2 * channels * hidden + hidden + channels
+
+
 def plan_squeeze_excite(
     model: nn.Module,
     input_size: tuple[int, int] = (224, 224),
@@ -97,7 +112,8 @@ def plan_squeeze_excite(
 ) -> Plan:
     """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
 
-    ``model`` is not changed: the planner works on a copy on the ``meta`` device. Its
+    ``model`` is not changed: the planner works on a copy on the ``meta`` device. For a
+    ``ComposerClassifier``, it plans the network inside, as the algorithm does. Its
     input is a batch of one 3-channel image of ``input_size`` (height, width).
     ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16.
     """
@@ -107,19 +123,19 @@ def plan_squeeze_excite(
         raise ValueError(f'bytes_per_element must be 1, 2, 4 or 8, got {bytes_per_element!r}')
     latent_channels, min_channels, include, exclude, _, placement = validate_hyperparameters(
         latent_channels, min_channels, include, exclude, placement=placement)
-    meta = copy.deepcopy(model).to('meta') if any(p.device.type != 'meta' for p in model.parameters()) else model
-    meta.eval()
+    meta = _meta_copy(network_of(model)).eval()
     selection = select_sites(meta, latent_channels, min_channels, include, exclude, placement=placement)
 
     shapes: dict[nn.Module, torch.Size] = {}
-    traffic = [0]
+    traffic = 0
 
     def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+        nonlocal traffic
         if isinstance(output, torch.Tensor):
             shapes.setdefault(module, output.shape)
             if _leaf(module):
                 elements = output.numel() + sum(x.numel() for x in inputs if isinstance(x, torch.Tensor))
-                traffic[0] += elements * bytes_per_element
+                traffic += elements * bytes_per_element
 
     hooks = [module.register_forward_hook(record) for module in meta.modules()]
     try:
@@ -143,27 +159,24 @@ def plan_squeeze_excite(
             height=height,
             width=width_px,
             latent_channels=width,
-            params=2 * channels * width + width + channels,
+            params=_added_params(channels, width),
             flops=4 * channels * width,
             traffic_bytes=3 * channels * height * width_px * bytes_per_element,
         ))
 
+    # The same rules at each distinct width as min_channels (patterns and existing blocks included).
     widths = sorted({site.channels for site in selection.sites})
     candidates = {}
     for threshold in widths:
-        chosen = [site for site in selection.sites if site.channels >= threshold]
-        added = 0
-        for site in chosen:
-            hidden = resolve_latent_channels(latent_channels, site.channels)
-            added += 2 * site.channels * hidden + hidden + site.channels
-        candidates[threshold] = (len(chosen), added)
+        chosen = select_sites(meta, latent_channels, threshold, include, exclude, placement=placement).chosen
+        candidates[threshold] = (len(chosen), sum(_added_params(site.channels, hidden) for site, hidden in chosen))
     return Plan(
         rows=rows,
         input_size=(int(input_size[0]), int(input_size[1])),
         bytes_per_element=bytes_per_element,
         model_params=sum(p.numel() for p in meta.parameters()),
         model_flops=int(counter.get_total_flops()),
-        model_traffic_bytes=traffic[0],
+        model_traffic_bytes=traffic,
         largest_channels=widths[-1] if widths else 0,
         candidates=candidates,
         settings={
@@ -187,6 +200,14 @@ def _table(header: list[str], body: list[list[str]], markdown: bool) -> list[str
     widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
     line = lambda cells: '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return [line(header), line(['-' * w for w in widths])] + [line(row) for row in body]
+
+
+def _advice(plan: Plan) -> str:
+    if plan.settings.get('placement') == 'block':
+        return ('Advice: the paper puts SE on every residual block (min_channels=1) with latent_channels=1/16. '
+                'Blocks and parameters for each min_channels:')
+    return (f'Method card advice: min_channels=512 for ImageNet-scale models; for smaller ones, the largest output '
+            f'channel count, here {plan.largest_channels}. Blocks and parameters for each min_channels:')
 
 
 def format_plan(plan: Plan, style: str = 'table') -> str:
@@ -213,8 +234,7 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         f'{plan.model_flops:,}) and {plan.traffic_bytes:,} bytes of activation traffic '
         f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}).',
         '',
-        f'Method card advice: min_channels=512 for ImageNet-scale models; for smaller ones, the largest output channel '
-        f'count, here {plan.largest_channels}. Blocks and parameters for each min_channels:',
+        _advice(plan),
         '',
     ]
     lines += _table(['min_channels', 'blocks', 'params'],

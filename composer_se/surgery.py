@@ -28,6 +28,7 @@ __all__ = [
     'Selection',
     'SqueezeExciteReport',
     'apply_squeeze_excite',
+    'network_of',
     'select_sites',
     'resolve_latent_channels',
     'validate_hyperparameters',
@@ -180,6 +181,12 @@ def _check_not_wrapped(model: nn.Module) -> None:
                     f'before wrapping (the SqueezeExcite algorithm runs at Event.INIT, before Composer wraps the '
                     f'model), or pass the wrapped model\'s inner module.',
                 )
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The module whose names ``include`` / ``exclude`` refer to: the network inside a ComposerClassifier."""
+    from composer.models import ComposerClassifier
+    return model.module if isinstance(model, ComposerClassifier) else model
 
 
 def _ancestry(name: str) -> list[str]:

@@ -17,6 +17,7 @@ from composer_se import (SqueezeExcite, SqueezeExcite2d, SqueezeExciteBatchNorm2
                          register_residual_block)
 from composer_se.data import SyntheticImages
 from composer_se.models import cifar_resnet
+from composer_se import placement
 from composer_se.placement import registered_blocks
 from tests.conftest import small_cnn
 from tests.test_surgery import no_decay_groups
@@ -27,7 +28,7 @@ def test_se_resnet50_matches_the_paper():
     report = apply_squeeze_excite(model, latent_channels=1 / 16, min_channels=1, placement='block')
     assert report.num_blocks == 16  # every bottleneck
     assert all(name.endswith('.bn3') for name in report.names)
-    assert [b.latent_channels for b in report.added[::4]] == [16, 32, 64, 64]  # C / 16 for C = 256, 512, 1024
+    assert sorted({b.latent_channels for b in report.added}) == [16, 32, 64, 128]  # C / 16 for each stage
     total = sum(p.numel() for p in model.parameters())
     assert total == 28_088_024 and round(total / 1e6, 1) == 28.1  # the paper: 28.09M (ResNet-50: 25.6M)
 
@@ -138,17 +139,21 @@ def test_a_user_block_registers_in_one_line():
         with pytest.raises(TypeError, match='block_type must be a torch.nn.Module subclass'):
             register_residual_block(int, 'x')
     finally:
-        del __import__('composer_se.placement', fromlist=['_BRANCH_ENDS'])._BRANCH_ENDS[TwoConvBlock]
+        del placement._BRANCH_ENDS[TwoConvBlock]
     assert TwoConvBlock not in registered_blocks()
 
 
-def test_a_registration_naming_a_missing_module_is_an_error():
-    register_residual_block(TwoConvBlock, 'branch.9')
+@pytest.mark.parametrize('branch_end, message', [
+    ('branch.9', r"residual block '0' \(TwoConvBlock\) has no submodule 'branch.9'"),
+    ('branch.2', r"residual block '0' \(TwoConvBlock\) ends its branch with 'branch.2', a ReLU; SE can follow only"),
+])
+def test_a_registration_naming_a_wrong_module_is_an_error(branch_end, message):
+    register_residual_block(TwoConvBlock, branch_end)
     try:
-        with pytest.raises(ValueError, match=r"residual block '0' \(TwoConvBlock\) has no submodule 'branch.9'"):
+        with pytest.raises(ValueError, match=message):
             apply_squeeze_excite(nn.Sequential(TwoConvBlock(4)), 2, 1, placement='block')
     finally:
-        del __import__('composer_se.placement', fromlist=['_BRANCH_ENDS'])._BRANCH_ENDS[TwoConvBlock]
+        del placement._BRANCH_ENDS[TwoConvBlock]
 
 
 def test_block_placement_trains_and_resumes_in_a_trainer(tmp_path):

@@ -121,3 +121,36 @@ def test_console_script_is_installed():
                              '--format', 'markdown'], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert '7 SE blocks add' in result.stdout
+
+
+def test_advice_table_applies_the_same_patterns_and_the_model_is_left_alone():
+    model = torchvision.models.resnet18()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_squeeze_excite(model, (64, 64), 16, 64, include=['layer3'], exclude='*downsample*')
+    assert len(plan.rows) == 4 and plan.candidates[64] == (len(plan.rows), plan.params)
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert next(model.parameters()).device.type == 'cpu'
+
+
+def test_a_composer_classifier_is_planned_like_the_algorithm_sees_it():
+    from composer.models import ComposerClassifier
+    plan = plan_squeeze_excite(ComposerClassifier(cifar_resnet(20), num_classes=10), (32, 32), 8, 64,
+                               include='layer3')
+    assert plan.rows[0].name == 'layer3.0.conv1' and len(plan.rows) == 7
+
+
+def test_block_rows_show_the_blocks_input_channels_and_the_papers_advice():
+    plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), 1 / 16, 1, placement='block')
+    rows = rows_by_name(plan)
+    assert (rows['layer1.0.bn3'].in_channels, rows['layer2.0.bn3'].in_channels) == (64, 256)
+    assert 'the paper puts SE on every residual block' in format_plan(plan)
+
+
+def test_cli_flags_override_the_recipe(capsys):
+    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml'), '--placement', 'conv', '--min-channels',
+                 '2048', '--input-size', '160', '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['settings']['placement'] == 'conv' and document['input_size'] == [160, 160]
+    assert [row['name'] for row in document['rows']] == ['layer4.0.conv3', 'layer4.0.downsample.0', 'layer4.1.conv3',
+                                                         'layer4.2.conv3']
+    assert document['rows'][0]['height'] == 5
