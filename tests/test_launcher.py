@@ -91,4 +91,4 @@ def test_real_cifar10_images_beat_chance(tmp_path):
     ], tmp_path), timeout=600)
     accuracy = float(re.search(r'final eval accuracy: ([0-9.]+)%', output).group(1))
     assert 'SqueezeExcite: 7 SE blocks' in output
-    assert accuracy > 25.0, output[-2000:]
+    assert accuracy > 20.0, output[-2000:]  # chance: 10%; measured 29.9% (resnet20, 2 epochs of 6000 images)
