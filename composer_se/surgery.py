@@ -13,7 +13,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning

@@ -35,8 +35,8 @@ def build_module(config: ModelConfig) -> nn.Module:
         close = difflib.get_close_matches(config.name, model_names(), n=3)
         raise RecipeError(
             f'unknown model.name {config.name!r}' + (f'; did you mean {", ".join(close)}?' if close else '') +
-            f' Choose resnet20, resnet56, resnet110 (CIFAR) or a torchvision classification model such as '
-            f'resnet50.',
+            ' Choose resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR) or a torchvision classification model '
+            'such as resnet50.',
         )
     if config.weights:
         _load_weights(module, config.weights)
