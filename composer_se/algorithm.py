@@ -35,10 +35,10 @@ class SqueezeExcite(Algorithm):
     ``ComposerClassifier``, the module it wraps (``'layer3'``, not ``'module.layer3'``);
     for any other ``ComposerModel``, the model itself.
 
-    Algorithms that replace convolutions at ``Event.INIT`` (Composer's ``BlurPool`` and
-    ``Factorize``) must come *before* it in the Trainer's ``algorithms``, so that SE goes
-    after the convolutions they leave; the other order is an error, since they would
-    drop the SE blocks.
+    With ``placement='conv'``, algorithms that replace convolutions at ``Event.INIT``
+    (Composer's ``BlurPool`` and ``Factorize``) must come *before* it in the Trainer's
+    ``algorithms``, so that SE goes after the convolutions they leave; the other order is
+    an error, since they would drop the SE blocks.
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
@@ -103,20 +103,20 @@ class SqueezeExcite(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
-        algorithms = list(state.algorithms)
-        later = algorithms[algorithms.index(self) + 1:] if self in algorithms else []
-        replacers = [type(a).__name__ for a in later if type(a).__name__ in CONV_REPLACING_ALGORITHMS]
-        if replacers:
-            raise ValueError(
-                f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
-                f'with new modules, which would silently drop their SE blocks; list SqueezeExcite after it.',
-            )
         if self._recreated_from_checkpoint:
             raise RuntimeError(
                 f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
                 f'model has no SE blocks for the checkpoint\'s SE weights. Add the algorithm: '
                 f'`from composer_se import SqueezeExcite` and '
                 f'`Trainer(..., algorithms=[{self._call()}])`.',
+            )
+        algorithms = list(state.algorithms)
+        later = algorithms[algorithms.index(self) + 1:] if self in algorithms and self.placement == 'conv' else []
+        replacers = [type(a).__name__ for a in later if type(a).__name__ in CONV_REPLACING_ALGORITHMS]
+        if replacers:
+            raise ValueError(
+                f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
+                f'with new modules, which would silently drop their SE blocks; list SqueezeExcite after it.',
             )
         report = apply_squeeze_excite(
             network_of(state.model),

@@ -173,3 +173,12 @@ def test_block_placement_trains_and_resumes_in_a_trainer(tmp_path):
     final, again = straight.state.model.state_dict(), resumed.state.model.state_dict()
     assert sum('.se.fc1.weight' in key for key in final) == 9
     assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_blurpool_after_block_placement_is_fine():
+    from composer.algorithms import BlurPool
+    model = ComposerClassifier(cifar_resnet(20), num_classes=10)
+    trainer = Trainer(model=model, train_dataloader=DataLoader(SyntheticImages(16), batch_size=8), max_duration='1ba',
+                      algorithms=[SqueezeExcite(1 / 16, 1, placement='block'), BlurPool()], device='cpu',
+                      progress_bar=False, log_to_console=False)
+    assert sum(isinstance(m, SqueezeExciteBatchNorm2d) for m in trainer.state.model.modules()) == 9
