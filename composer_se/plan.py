@@ -164,11 +164,13 @@ def plan_squeeze_excite(
             traffic_bytes=3 * channels * height * width_px * bytes_per_element,
         ))
 
-    # The same rules at each distinct width as min_channels (patterns and existing blocks included).
+    # The same rules at each distinct width as min_channels (patterns and existing blocks included):
+    # select once with no channel bound; each threshold keeps the sites at least that wide.
     widths = sorted({site.channels for site in selection.sites})
+    unbounded = select_sites(meta, latent_channels, 1, include, exclude, placement=placement).chosen
     candidates = {}
     for threshold in widths:
-        chosen = select_sites(meta, latent_channels, threshold, include, exclude, placement=placement).chosen
+        chosen = [(site, hidden) for site, hidden in unbounded if site.channels >= threshold]
         candidates[threshold] = (len(chosen), sum(_added_params(site.channels, hidden) for site, hidden in chosen))
     return Plan(
         rows=rows,

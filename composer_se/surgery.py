@@ -388,6 +388,7 @@ def apply_squeeze_excite(
     planned: list[tuple[Site, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock]] = []
     for site, width in selection.chosen:
         name = site.names[0]
+        se_prefix = f'{name}.se.' if name else 'se.'
         anchor = parameters.get(site.anchor)
         # Each target group, with the names the block's parameters take there: they
         # follow the group's own name for the anchor weight ('module.0.weight' for
@@ -395,7 +396,7 @@ def apply_squeeze_excite(
         groups = []
         for group, group_name in (held.get(id(anchor), []) if anchor is not None else []):
             outer = group_name[:-len(site.anchor)] if group_name and group_name.endswith(site.anchor) else ''
-            groups.append((group, f'{outer}{name}.se.' if name else f'{outer}se.'))
+            groups.append((group, outer + se_prefix))
         if optimizers and not groups:
             if num_groups != 1:
                 raise ValueError(
@@ -403,7 +404,7 @@ def apply_squeeze_excite(
                     f'none of the {num_groups} optimizer param groups, so the group is ambiguous. Build the '
                     f'optimizer after applying SE, or leave this module out with exclude=[{name!r}].',
                 )
-            groups = [(optimizers[0].param_groups[0], f'{name}.se.' if name else 'se.')]
+            groups = [(optimizers[0].param_groups[0], se_prefix)]
         reference = next(iter(site.module.parameters()), None)
         block = SqueezeExcite2d(site.channels, width, init=init)
         if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
