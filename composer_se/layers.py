@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteBatchNorm2d', 'SqueezeExciteConv2d']
+from composer_se.fused import excite, squeeze_excite_batch_norm
+
+__all__ = [
+    'GATE_INITS',
+    'FoldedSqueezeExciteBatchNorm2d',
+    'SqueezeExcite2d',
+    'SqueezeExciteBatchNorm2d',
+    'SqueezeExciteConv2d',
+    'can_fold',
+    'fold_into_batch_norm_',
+]
 
 #: Accepted values of ``init``: ``'default'`` is the paper's block with PyTorch's
 #: default ``Linear`` initialisation; ``'identity'`` makes the block an exact identity
@@ -67,9 +77,11 @@ class SqueezeExcite2d(nn.Module):
             nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        squeezed = x.mean((2, 3))
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(squeezed)))) * self.gate_scale
-        return x * gate[:, :, None, None].to(x.dtype)
+        return x * self.gate(x.mean((2, 3)))[:, :, None, None].to(x.dtype)
+
+    def gate(self, squeezed: torch.Tensor) -> torch.Tensor:
+        """The per-channel scale ``s`` (N, C) for squeezed features ``z`` (N, C)."""
+        return excite(squeezed, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.gate_scale)
 
     def extra_repr(self) -> str:
         return f'{self.channels}, latent_channels={self.latent_channels}, init={self.init!r}'
@@ -112,8 +124,16 @@ class SqueezeExciteConv2d(nn.Conv2d):
             dtype=self.weight.dtype,
         )
 
+    #: ``True`` once :func:`fold_into_batch_norm_` has handed the block to the BatchNorm
+    #: that this conv feeds: the conv then returns its plain output and that BatchNorm
+    #: applies the block (except under TorchScript and tracing, where the conv does).
+    folded_into_norm = False
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.se(self._conv_forward(input, self.weight, self.bias))
+        out = self._conv_forward(input, self.weight, self.bias)
+        if self.folded_into_norm and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return out
+        return self.se(out)
 
     @classmethod
     def convert_(cls, conv: nn.Conv2d, block: SqueezeExcite2d) -> 'SqueezeExciteConv2d':
@@ -129,7 +149,32 @@ class SqueezeExciteConv2d(nn.Conv2d):
         return _convert(conv, nn.Conv2d, conv.out_channels, block, cls)
 
 
-class SqueezeExciteBatchNorm2d(nn.BatchNorm2d):
+class _BatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose normalisation is a method that TorchScript can compile."""
+
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
+        """Exactly ``BatchNorm2d.forward``: training and eval, ``momentum=None``, ``track_running_stats``."""
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep_stats = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_stats else None,
+            self.running_var if keep_stats else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class SqueezeExciteBatchNorm2d(_BatchNorm2d):
     """A :class:`torch.nn.BatchNorm2d` followed by a :class:`SqueezeExcite2d` block.
 
     This is where the paper puts SE in a residual block: after the branch's last
@@ -154,25 +199,7 @@ class SqueezeExciteBatchNorm2d(nn.BatchNorm2d):
                                                                                dtype=kwargs.get('dtype'))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_stats = not self.training or self.track_running_stats
-        normalised = F.batch_norm(
-            input,
-            self.running_mean if keep_stats else None,
-            self.running_var if keep_stats else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
-        return self.se(normalised)
+        return self.se(self._normalise(input))
 
     @classmethod
     def convert_(cls, norm: nn.BatchNorm2d, block: SqueezeExcite2d) -> 'SqueezeExciteBatchNorm2d':
@@ -183,3 +210,73 @@ class SqueezeExciteBatchNorm2d(nn.BatchNorm2d):
         have ``norm.num_features`` channels.
         """
         return _convert(norm, nn.BatchNorm2d, norm.num_features, block, cls)
+
+
+class FoldedSqueezeExciteBatchNorm2d(_BatchNorm2d):
+    """A ``BatchNorm2d`` that applies the SE block of the convolution feeding it.
+
+    Made by :func:`fold_into_batch_norm_`; it computes ``norm(se(u))`` for the conv
+    output ``u`` without materialising ``se(u)``:
+
+    - training (batch statistics): one read of ``u`` for its per-(n, c) mean and
+      variance, then one affine pass, with the backward pass of
+      :mod:`composer_se.fused`; autograd keeps ``u`` for backward, as the plain
+      BatchNorm does, and nothing of SE's size;
+    - eval (running statistics): ``u * (s * gamma / sigma) + shift``, one mean and
+      one affine pass;
+    - under ``torch.compile``: ``norm(se(u))`` written plainly, which the compiler fuses;
+    - under TorchScript and tracing, the conv applies its block and this is a plain
+      ``BatchNorm2d``.
+
+    Its parameters and buffers are those of the ``BatchNorm2d`` it was, under the same
+    names; the SE block stays registered under the conv (``conv.se``) and is only
+    referenced from here, so state dicts and optimizer groups are unchanged.
+    """
+
+    __jit_ignored_attributes__ = ['_folded_se']  # a reference to the conv's block, used only in eager mode
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self._normalise(input)  # the conv applied its SE block
+        return self._fold(input)
+
+    @torch.jit.unused
+    def _fold(self, input: torch.Tensor) -> torch.Tensor:
+        se = self._folded_se
+        if self.training and not torch.compiler.is_compiling():
+            self._check_input_dim(input)
+            return squeeze_excite_batch_norm(input, se, self)
+        if not self.training and not torch.compiler.is_compiling():
+            self._check_input_dim(input)
+            inv_std = self.weight * torch.rsqrt(self.running_var + self.eps)
+            scale = se.gate(input.mean((2, 3), dtype=inv_std.dtype).to(se.fc1.weight.dtype)) * inv_std
+            shift = self.bias - self.running_mean * inv_std
+            return (input * scale[:, :, None, None].to(input.dtype)).add_(shift[None, :, None, None].to(input.dtype))
+        return self._normalise(se(input))
+
+
+def can_fold(norm: nn.Module, channels: int) -> bool:
+    """Whether :func:`fold_into_batch_norm_` accepts ``norm`` after a conv with ``channels`` outputs."""
+    return (type(norm) is nn.BatchNorm2d and norm.num_features == channels and norm.affine and
+            norm.track_running_stats and norm.running_mean is not None)
+
+
+def fold_into_batch_norm_(conv: SqueezeExciteConv2d, norm: nn.BatchNorm2d) -> FoldedSqueezeExciteBatchNorm2d:
+    """Moves the application of ``conv.se`` into ``norm``, in place, and returns ``norm``.
+
+    Only valid when ``norm`` is the sole consumer of ``conv``'s output (surgery checks
+    this on the traced graph): the conv then returns its plain output and ``norm``
+    (now a :class:`FoldedSqueezeExciteBatchNorm2d`, the same object) computes
+    ``norm(conv.se(u))`` in one pass. ``norm`` must be exactly an affine
+    ``BatchNorm2d`` with running statistics, with ``conv.out_channels`` features.
+    Parameter and buffer names do not change.
+    """
+    if not isinstance(conv, SqueezeExciteConv2d) or conv.folded_into_norm:
+        raise TypeError(f'fold_into_batch_norm_ needs a SqueezeExciteConv2d not yet folded, got {conv!r}')
+    if not can_fold(norm, conv.out_channels):
+        raise TypeError(f'fold_into_batch_norm_ needs exactly an affine torch.nn.BatchNorm2d with running statistics '
+                        f'and {conv.out_channels} features, got {norm!r}')
+    norm.__class__ = FoldedSqueezeExciteBatchNorm2d
+    object.__setattr__(norm, '_folded_se', conv.se)  # a reference, not a submodule: the block stays conv.se
+    conv.folded_into_norm = True
+    return norm

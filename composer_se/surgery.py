@@ -13,14 +13,23 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_se.layers import GATE_INITS, SqueezeExcite2d, SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
+from composer_se.graph import batch_norm_consumers
+from composer_se.layers import (
+    GATE_INITS,
+    FoldedSqueezeExciteBatchNorm2d,
+    SqueezeExcite2d,
+    SqueezeExciteBatchNorm2d,
+    SqueezeExciteConv2d,
+    can_fold,
+    fold_into_batch_norm_,
+)
 from composer_se.placement import PLACEMENTS, Site, find_sites
 
 __all__ = [
@@ -28,6 +37,7 @@ __all__ = [
     'Selection',
     'SqueezeExciteReport',
     'apply_squeeze_excite',
+    'broken_folds',
     'network_of',
     'select_sites',
     'resolve_latent_channels',
@@ -46,6 +56,9 @@ class AddedBlock:
     out_channels: int
     latent_channels: int  #: ``L``, the block's hidden width
     num_params: int  #: parameters the block adds: ``2 * C * L + L + C``
+    #: the BatchNorm that applies this block in one pass with its normalisation (see
+    #: ``fold_batchnorm`` of :func:`apply_squeeze_excite`), or ``None``
+    folded_into: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,9 @@ class SqueezeExciteReport:
 
     added: tuple[AddedBlock, ...]
     skipped: tuple[tuple[str, str], ...]
+    #: why no block could be folded into a BatchNorm (the model does not trace with
+    #: ``torch.fx``), or ``None``
+    fold_unavailable: Optional[str] = None
 
     @property
     def num_blocks(self) -> int:
@@ -72,6 +88,10 @@ class SqueezeExciteReport:
     @property
     def names(self) -> list[str]:
         return [block.name for block in self.added]
+
+    @property
+    def num_folded(self) -> int:
+        return sum(block.folded_into is not None for block in self.added)
 
 
 def _is_real_number(value: object) -> bool:
@@ -296,6 +316,7 @@ def apply_squeeze_excite(
     exclude: Patterns = None,
     init: str = 'default',
     placement: str = 'conv',
+    fold_batchnorm: bool = True,
 ) -> SqueezeExciteReport:
     """Adds Squeeze-and-Excitation blocks to ``model``, in place.
 
@@ -347,6 +368,16 @@ def apply_squeeze_excite(
             training changes the blocks); see
             :class:`~composer_se.layers.SqueezeExcite2d`. Default: ``'default'``.
         placement (str, optional): ``'conv'`` or ``'block'``. Default: ``'conv'``.
+        fold_batchnorm (bool, optional): with ``placement='conv'``, where a chosen conv's
+            output goes to a ``BatchNorm2d`` and nowhere else (read from the model's
+            ``torch.fx`` trace), the BatchNorm applies the conv's SE block together
+            with its normalisation, in one pass over the activation and without
+            keeping a second copy of it for backward
+            (:class:`~composer_se.layers.FoldedSqueezeExciteBatchNorm2d`). The result
+            is the same up to rounding, parameter names and param groups do not change,
+            but the conv module alone then returns its output *before* SE (hooks on it
+            see that). ``False`` keeps every block inside its conv. A model that does
+            not trace gets no folding; the report says why. Default: ``True``.
 
     Returns:
         SqueezeExciteReport: the blocks added (names, widths, parameter counts) and
@@ -379,13 +410,19 @@ def apply_squeeze_excite(
         ['layer1.0.bn2', 'layer1.1.bn2']
     """
     selection = select_sites(model, latent_channels, min_channels, include, exclude, init, placement)
+    if not isinstance(fold_batchnorm, bool):
+        raise ValueError(f'fold_batchnorm must be True or False, got {fold_batchnorm!r}')
+    consumers, fold_unavailable = {}, None
+    if fold_batchnorm and placement == 'conv' and selection.chosen:
+        consumers, fold_unavailable = batch_norm_consumers(network_of(model))
+    module_names = {id(module): name for name, module in model.named_modules()}
     optimizers = _as_optimizers(optimizers)
     num_groups = sum(len(opt.param_groups) for opt in optimizers)
     held = _param_index(optimizers)
     parameters = dict(model.named_parameters(remove_duplicate=False))
 
     # Plan: decide and build everything before touching the model.
-    planned: list[tuple[Site, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock]] = []
+    planned: list[tuple[Site, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock, Optional[nn.Module]]] = []
     for site, width in selection.chosen:
         name = site.names[0]
         se_prefix = f'{name}.se.' if name else 'se.'
@@ -410,25 +447,35 @@ def apply_squeeze_excite(
         if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(site.module.training)
+        norm = consumers.get(id(site.module))
+        if norm is not None and not can_fold(norm, site.channels):
+            norm = None
         added = AddedBlock(
             name=name,
             in_channels=site.in_channels,
             out_channels=site.channels,
             latent_channels=width,
             num_params=sum(p.numel() for p in block.parameters()),
+            folded_into=None if norm is None else module_names[id(norm)],
         )
-        planned.append((site, block, groups, added))
+        planned.append((site, block, groups, added, norm))
 
     # Commit: nothing below can fail.
-    for site, block, groups, _ in planned:
+    for site, block, groups, _, norm in planned:
         _CONVERTIBLE[type(site.module)].convert_(site.module, block)
+        if norm is not None:
+            fold_into_batch_norm_(site.module, norm)
         for group, prefix in groups:
             for param_name, param in block.named_parameters():
                 group['params'].append(param)
                 if 'param_names' in group:
                     group['param_names'].append(prefix + param_name)
 
-    report = SqueezeExciteReport(added=tuple(item[3] for item in planned), skipped=tuple(selection.skipped))
+    report = SqueezeExciteReport(
+        added=tuple(item[3] for item in planned),
+        skipped=tuple(selection.skipped),
+        fold_unavailable=fold_unavailable,
+    )
     if selection.unsupported:
         warnings.warn(
             f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
@@ -438,6 +485,19 @@ def apply_squeeze_excite(
     if not planned:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, min_channels, placement)))
     return report
+
+
+def broken_folds(model: nn.Module) -> list[str]:
+    """Names of the SE convs in ``model`` whose block was folded into a BatchNorm that is no longer in it.
+
+    Such a conv returns its output before SE and nothing applies the block: something
+    replaced the BatchNorm after :func:`apply_squeeze_excite` folded the block into it.
+    """
+    folded = {id(m._folded_se) for m in model.modules() if isinstance(m, FoldedSqueezeExciteBatchNorm2d)}
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, SqueezeExciteConv2d) and m.folded_into_norm and id(m.se) not in folded
+    ]
 
 
 def _no_effect_message(selection: Selection, min_channels: int, placement: str) -> str:

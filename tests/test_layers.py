@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+import composer_se.fused as fused
 import composer_se.layers as layers
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 
@@ -23,11 +25,18 @@ def reference_se(block: SqueezeExcite2d, u: torch.Tensor) -> torch.Tensor:
     return u * (block.gate_scale * s).reshape(n, c, 1, 1)
 
 
+def imports_of(module) -> set[str]:
+    tree = ast.parse(inspect.getsource(module))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return imported | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
 def test_layers_module_imports_torch_only():
-    tree = ast.parse(inspect.getsource(layers))
-    imported = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {'torch', '__future__'}, imported
+    """layers.py and what it imports from this package need only torch (an exported model needs no Composer)."""
+    assert {name.split('.')[0] for name in imports_of(layers)} <= {'torch', '__future__', 'composer_se'}
+    ours = {name for name in imports_of(layers) if name.startswith('composer_se')}
+    assert ours == {'composer_se.fused'}
+    assert {name.split('.')[0] for name in imports_of(fused)} - set(sys.stdlib_module_names) == {'torch'}
 
 
 @pytest.mark.parametrize('shape', [(1, 8, 1, 1), (1, 8, 5, 3), (4, 8, 16, 16), (2, 8, 33, 17)])
