@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument('--include', nargs='+', metavar='PATTERN', help='module-name patterns to restrict SE to')
     plan.add_argument('--exclude', nargs='+', metavar='PATTERN', help='module-name patterns to leave out')
     plan.add_argument('--placement', choices=PLACEMENTS, help="'conv' (default) or 'block' (the paper's)")
+    plan.add_argument('--no-fold', dest='fold_batchnorm', action='store_false', default=None,
+                      help='plan with fold_batchnorm=False (every block inside its conv)')
     plan.add_argument('--dtype', choices=sorted(DTYPE_BYTES), default='float32', help='activation type for the '
                       'traffic bytes (default float32)')
     plan.add_argument('--format', choices=FORMATS, default='table', help='output format (default table)')
@@ -56,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> str:
     from composer_se.models import CIFAR_NAMES, build_module
-    options = {'latent_channels': 64, 'min_channels': 128, 'include': None, 'exclude': None, 'placement': 'conv'}
+    options = {'latent_channels': 64, 'min_channels': 128, 'include': None, 'exclude': None, 'placement': 'conv',
+               'fold_batchnorm': True}
     if args.model.endswith(('.yaml', '.yml')):
         recipe = load_recipe(args.model)
         model_config = recipe.model

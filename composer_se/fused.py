@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['excite', 'squeeze_excite_batch_norm']
+__all__ = ['affine', 'excite', 'squeeze_excite_batch_norm']
 
 
 def excite(squeezed: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -81,6 +81,22 @@ def _channel_stats(u: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, tor
     return var, mean
 
 
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), in ``x``'s dtype.
+
+    One pass over ``x``: for NCHW-contiguous ``x``, through eval-mode ``F.batch_norm`` on
+    the (1, N*C, H, W) view with zero mean and unit variance, whose kernel is a single
+    fused multiply-add; otherwise a multiply and an in-place add.
+    """
+    n, c, h, w = x.shape
+    scale, shift = scale.to(x.dtype), shift.to(x.dtype).expand(n, c)
+    if x.is_contiguous() and x.dtype == scale.dtype and x.device.type != 'meta':
+        zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
+        out = F.batch_norm(x.view(1, n * c, h, w), zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
+        return out.view(n, c, h, w)
+    return (x * scale[:, :, None, None]).add_(shift[:, :, None, None])
+
+
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``sum over H, W of a * b`` per (n, c), in ``acc``."""
     if a.dtype == b.dtype == acc and a.stride() == b.stride():
@@ -113,7 +129,9 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
             running_mean.lerp_(mu.to(running_mean.dtype), momentum)
             running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
         k = weight.to(acc) * rstd  # gamma / sigma, (C,)
-        out = (u * (s * k)[:, :, None, None].to(u.dtype)).add_((bias.to(acc) - mu * k)[None, :, None, None].to(u.dtype))
+        # detach: affine may return a view, and a custom Function's output must not be one
+        # (an in-place op after it, such as ReLU(inplace=True), would be refused).
+        out = affine(u, s * k, bias.to(acc) - mu * k).detach()
         ctx.save_for_backward(u, mean_nc, var_nc, s, mu, rstd, hidden, sig)
         # The parameters by reference: they live on anyway (saving them would only make
         # saved-tensor accounting count them).
@@ -147,10 +165,8 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
         grad_w2 = grad_z2.t() @ hidden if needs[3] else None
         grad_b2 = grad_z2.sum(0) if needs[4] else None
         # dL/du = s dL/dy + dL/dm / area = coef_g g + coef_u u + const, all per (n, c).
-        coef_g = (k * s)[:, :, None, None].to(u.dtype)
         coef_u = (-b * s * s)[:, :, None, None].to(u.dtype)
-        const = (s * (b * mu - a) + grad_squeezed / area)[:, :, None, None].to(u.dtype)
-        grad_u = (grad_out * coef_g).addcmul_(u, coef_u).add_(const)
+        grad_u = affine(grad_out, k * s, s * (b * mu - a) + grad_squeezed / area).addcmul_(u, coef_u)
         return (grad_u, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_weight.to(weight.dtype),
                 grad_bias.to(weight.dtype), None, None, None, None)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_se.fused import excite, squeeze_excite_batch_norm
+from composer_se.fused import affine, excite, squeeze_excite_batch_norm
 
 __all__ = [
     'GATE_INITS',
@@ -107,7 +107,9 @@ class SqueezeExciteConv2d(nn.Conv2d):
     missing keys are ``se.*``.
 
     Construct it like a ``Conv2d`` plus the SE arguments, or turn an existing
-    ``Conv2d`` into one in place with :meth:`convert_`.
+    ``Conv2d`` into one in place with :meth:`convert_`. After
+    :func:`fold_into_batch_norm_`, the BatchNorm it feeds applies the block and the
+    conv returns its output before SE (see ``folded_into_norm``).
 
     Args:
         *args: positional arguments of :class:`torch.nn.Conv2d`.
@@ -243,16 +245,14 @@ class FoldedSqueezeExciteBatchNorm2d(_BatchNorm2d):
     @torch.jit.unused
     def _fold(self, input: torch.Tensor) -> torch.Tensor:
         se = self._folded_se
-        if self.training and not torch.compiler.is_compiling():
-            self._check_input_dim(input)
+        if torch.compiler.is_compiling():
+            return self._normalise(se(input))
+        self._check_input_dim(input)
+        if self.training:
             return squeeze_excite_batch_norm(input, se, self)
-        if not self.training and not torch.compiler.is_compiling():
-            self._check_input_dim(input)
-            inv_std = self.weight * torch.rsqrt(self.running_var + self.eps)
-            scale = se.gate(input.mean((2, 3), dtype=inv_std.dtype).to(se.fc1.weight.dtype)) * inv_std
-            shift = self.bias - self.running_mean * inv_std
-            return (input * scale[:, :, None, None].to(input.dtype)).add_(shift[None, :, None, None].to(input.dtype))
-        return self._normalise(se(input))
+        inv_std = self.weight * torch.rsqrt(self.running_var + self.eps)
+        scale = se.gate(input.mean((2, 3), dtype=inv_std.dtype).to(se.fc1.weight.dtype)) * inv_std
+        return affine(input, scale, self.bias - self.running_mean * inv_std)
 
 
 def can_fold(norm: nn.Module, channels: int) -> bool:

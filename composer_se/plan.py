@@ -17,7 +17,12 @@ per image:
   ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOPs; the pooling,
   sigmoid and scaling are memory-bound and counted as traffic instead);
 - activation traffic: ``3 * C * H * W`` elements: the block reads the feature map once
-  to average it and once to scale it, and writes the scaled map.
+  to average it and once to scale it, and writes the scaled map. A block folded into
+  the BatchNorm after its conv (``fold_batchnorm``) scales inside the BatchNorm's own
+  pass, so only the read that averages is extra: ``C * H * W``;
+- kept for backward: ``C * H * W`` elements, the conv output that the scaling needs
+  (the BatchNorm after it keeps the scaled map); a folded block keeps nothing of that
+  size, since the BatchNorm keeps the conv output anyway.
 
 The model's own traffic is the input plus output bytes of each of its leaf modules,
 per image, the same crude measure; the percentages compare like with like.
@@ -28,12 +33,14 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from composer_se.graph import batch_norm_consumers
+from composer_se.layers import can_fold
 from composer_se.surgery import Patterns, network_of, select_sites, validate_hyperparameters
 
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
@@ -54,6 +61,8 @@ class PlanRow:
     params: int
     flops: int
     traffic_bytes: int  #: activation bytes the block reads and writes per image
+    saved_bytes: int  #: activation bytes the block keeps for backward per image (full-size tensors)
+    folded_into: Optional[str] = None  #: the BatchNorm that applies the block, if folded
 
 
 @dataclass
@@ -80,6 +89,10 @@ class Plan:
     @property
     def traffic_bytes(self) -> int:
         return sum(row.traffic_bytes for row in self.rows)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(row.saved_bytes for row in self.rows)
 
 
 def _leaf(module: nn.Module) -> bool:
@@ -109,6 +122,7 @@ def plan_squeeze_excite(
     exclude: Patterns = None,
     placement: str = 'conv',
     bytes_per_element: int = 4,
+    fold_batchnorm: bool = True,
 ) -> Plan:
     """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
 
@@ -116,6 +130,7 @@ def plan_squeeze_excite(
     ``ComposerClassifier``, it plans the network inside, as the algorithm does. Its
     input is a batch of one 3-channel image of ``input_size`` (height, width).
     ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16.
+    ``fold_batchnorm`` is :func:`~composer_se.surgery.apply_squeeze_excite`'s.
     """
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(f'input_size must be (height, width) with both >= 1, got {input_size!r}')
@@ -125,6 +140,10 @@ def plan_squeeze_excite(
         latent_channels, min_channels, include, exclude, placement=placement)
     meta = _meta_copy(network_of(model)).eval()
     selection = select_sites(meta, latent_channels, min_channels, include, exclude, placement=placement)
+    consumers = {}
+    if fold_batchnorm and placement == 'conv' and selection.chosen:
+        consumers = batch_norm_consumers(meta)[0]
+    names = {id(module): name for name, module in meta.named_modules()}
 
     shapes: dict[nn.Module, torch.Size] = {}
     traffic = 0
@@ -152,6 +171,9 @@ def plan_squeeze_excite(
             raise ValueError(f'module {site.names[0]!r} did not produce a 4-D feature map in the forward pass, so its '
                              f'SE cost cannot be planned')
         channels, height, width_px = int(shape[1]), int(shape[2]), int(shape[3])
+        norm = consumers.get(id(site.module))
+        folded = norm is not None and can_fold(norm, channels)
+        feature_map = channels * height * width_px * bytes_per_element
         rows.append(PlanRow(
             name=site.names[0],
             in_channels=site.in_channels,
@@ -161,7 +183,9 @@ def plan_squeeze_excite(
             latent_channels=width,
             params=_added_params(channels, width),
             flops=4 * channels * width,
-            traffic_bytes=3 * channels * height * width_px * bytes_per_element,
+            traffic_bytes=feature_map if folded else 3 * feature_map,
+            saved_bytes=0 if folded else feature_map,
+            folded_into=names[id(norm)] if folded else None,
         ))
 
     # The same rules at each distinct width as min_channels (patterns and existing blocks included):
@@ -187,6 +211,7 @@ def plan_squeeze_excite(
             'include': list(include),
             'exclude': list(exclude),
             'placement': placement,
+            'fold_batchnorm': fold_batchnorm,
         },
     )
 
@@ -220,12 +245,13 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         document = asdict(plan)
         document['candidates'] = {str(k): {'blocks': v[0], 'params': v[1]} for k, v in plan.candidates.items()}
         document['totals'] = {'blocks': len(plan.rows), 'params': plan.params, 'flops': plan.flops,
-                              'traffic_bytes': plan.traffic_bytes}
+                              'traffic_bytes': plan.traffic_bytes, 'saved_bytes': plan.saved_bytes}
         return json.dumps(document, indent=2)
     markdown = style == 'markdown'
-    header = ['module', 'in->out', 'HxW', 'hidden', 'params', 'FLOPs', 'traffic (bytes)']
+    header = ['module', 'in->out', 'HxW', 'hidden', 'params', 'FLOPs', 'traffic (bytes)', 'kept (bytes)', 'folded into']
     body = [[row.name, f'{row.in_channels}->{row.out_channels}', f'{row.height}x{row.width}', str(row.latent_channels),
-             f'{row.params:,}', f'{row.flops:,}', f'{row.traffic_bytes:,}'] for row in plan.rows]
+             f'{row.params:,}', f'{row.flops:,}', f'{row.traffic_bytes:,}', f'{row.saved_bytes:,}',
+             row.folded_into or '-'] for row in plan.rows]
     settings = ', '.join(f'{k}={v!r}' for k, v in plan.settings.items())
     lines = [f'SE plan at {plan.input_size[0]}x{plan.input_size[1]} ({settings}), per image:', '']
     lines += _table(header, body, markdown)
@@ -234,7 +260,9 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         f'{len(plan.rows)} SE blocks add {plan.params:,} parameters ({_percent(plan.params, plan.model_params)} of '
         f'{plan.model_params:,}, making {plan.model_params + plan.params:,}), {plan.flops:,} FLOPs ({_percent(plan.flops, plan.model_flops)} of '
         f'{plan.model_flops:,}) and {plan.traffic_bytes:,} bytes of activation traffic '
-        f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}).',
+        f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}); '
+        f'{sum(row.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after their '
+        f'conv, and the blocks keep {plan.saved_bytes:,} bytes of activations for backward.',
         '',
         _advice(plan),
         '',

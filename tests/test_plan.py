@@ -26,20 +26,27 @@ def rows_by_name(plan) -> dict:
 
 def test_resnet50_rows_match_hand_computation():
     plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), latent_channels=64, min_channels=512)
+    unfolded = rows_by_name(plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), latent_channels=64,
+                                                min_channels=512, fold_batchnorm=False))
     rows = rows_by_name(plan)
     # layer2.0.conv3: 1x1, 128 -> 512 channels at 28x28. Params 2*512*64 + 64 + 512; FLOPs 2 matmuls of
-    # 512x64 at 2 FLOPs per multiply-add; traffic: read 512*28*28 twice and write it once, 4 bytes each.
+    # 512x64 at 2 FLOPs per multiply-add. Unfolded, the block reads 512*28*28 floats twice, writes them once
+    # and keeps them for backward; folded into bn3, it reads them once and keeps nothing of that size.
     row = rows['layer2.0.conv3']
     assert (row.in_channels, row.out_channels, row.height, row.width, row.latent_channels) == (128, 512, 28, 28, 64)
-    assert (row.params, row.flops, row.traffic_bytes) == (66_112, 131_072, 4_816_896)
+    assert (row.params, row.flops, row.traffic_bytes, row.saved_bytes) == (66_112, 131_072, 1_605_632, 0)
+    assert row.folded_into == 'layer2.0.bn3'
+    row = unfolded['layer2.0.conv3']
+    assert (row.traffic_bytes, row.saved_bytes, row.folded_into) == (4_816_896, 1_605_632, None)
     # layer4.0.conv2: the strided 3x3 of the first bottleneck of stage 4: 512 -> 512 at 7x7.
     row = rows['layer4.0.conv2']
     assert (row.in_channels, row.out_channels, row.height, row.width) == (512, 512, 7, 7)
-    assert (row.params, row.flops, row.traffic_bytes) == (66_112, 131_072, 301_056)
+    assert (row.params, row.flops, unfolded['layer4.0.conv2'].traffic_bytes) == (66_112, 131_072, 301_056)
     # layer4.2.conv3: 512 -> 2048 at 7x7.
     row = rows['layer4.2.conv3']
-    assert (row.params, row.flops, row.traffic_bytes) == (2 * 2048 * 64 + 64 + 2048, 4 * 2048 * 64, 3 * 2048 * 49 * 4)
-    assert (plan.model_params, len(plan.rows), plan.params) == (25_557_032, 22, 2_709_376)
+    assert (row.params, row.flops, row.traffic_bytes) == (2 * 2048 * 64 + 64 + 2048, 4 * 2048 * 64, 2048 * 49 * 4)
+    assert (plan.model_params, len(plan.rows), plan.params, plan.saved_bytes) == (25_557_032, 22, 2_709_376, 0)
+    assert all(row.folded_into for row in plan.rows)
 
 
 def test_paper_placement_plan_says_28_1_million():
