@@ -84,13 +84,14 @@ def _channel_stats(u: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, tor
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), in ``x``'s dtype.
 
-    One pass over ``x``: for NCHW-contiguous ``x``, through eval-mode ``F.batch_norm`` on
-    the (1, N*C, H, W) view with zero mean and unit variance, whose kernel is a single
-    fused multiply-add; otherwise a multiply and an in-place add.
+    For NCHW-contiguous ``x`` on CPU, one pass: eval-mode ``F.batch_norm`` on the
+    (1, N*C, H, W) view with zero mean and unit variance, whose kernel is a single fused
+    multiply-add (measured faster than a broadcast multiply-add there); otherwise a
+    multiply and an in-place add.
     """
     n, c, h, w = x.shape
     scale, shift = scale.to(x.dtype), shift.to(x.dtype).expand(n, c)
-    if x.is_contiguous() and x.dtype == scale.dtype and x.device.type != 'meta':
+    if x.device.type == 'cpu' and x.is_contiguous():
         zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
         out = F.batch_norm(x.view(1, n * c, h, w), zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
         return out.view(n, c, h, w)
