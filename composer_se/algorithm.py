@@ -10,7 +10,8 @@ import composer.algorithms
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_se.surgery import Patterns, apply_squeeze_excite, network_of, validate_hyperparameters
+from composer_se.checkpoints import guard_se_loading, note_saved_call
+from composer_se.surgery import Patterns, apply_squeeze_excite, broken_folds, network_of, validate_hyperparameters
 
 __all__ = ['SqueezeExcite']
 
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 #: Composer algorithms that replace Conv2d modules with new ones at Event.INIT. An SE conv
 #: is a Conv2d, so one of these running after SqueezeExcite would discard its SE block.
 CONV_REPLACING_ALGORITHMS = ('BlurPool', 'Factorize')
+#: Composer algorithms that replace BatchNorm2d modules at Event.INIT: after SqueezeExcite,
+#: they would discard the BatchNorms that SE blocks are folded into.
+NORM_REPLACING_ALGORITHMS = ('GhostBatchNorm',)
 
 
 class SqueezeExcite(Algorithm):
@@ -38,7 +42,8 @@ class SqueezeExcite(Algorithm):
     With ``placement='conv'``, algorithms that replace convolutions at ``Event.INIT``
     (Composer's ``BlurPool`` and ``Factorize``) must come *before* it in the Trainer's
     ``algorithms``, so that SE goes after the convolutions they leave; the other order is
-    an error, since they would drop the SE blocks.
+    an error, since they would drop the SE blocks. With ``fold_batchnorm=True``, the same
+    holds for Composer's ``GhostBatchNorm``, which replaces BatchNorms.
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
@@ -46,7 +51,12 @@ class SqueezeExcite(Algorithm):
     Checkpoints: the model changes shape, so :meth:`required_on_load` is ``True``. A
     Trainer that loads a checkpoint made with this algorithm must be given the same
     algorithm; without it, loading fails with an error saying which ``SqueezeExcite``
-    to add. Composer's own ``SqueezeExcite`` is never built in its place.
+    to add. Composer's own ``SqueezeExcite`` is never built in its place. A state dict
+    whose SE blocks differ from the model's (saved without SE, or with other
+    arguments) is refused by the Trainer's checkpoint loading before anything is
+    copied, with a :class:`~composer_se.checkpoints.CheckpointError` naming the first
+    differing layer and the two shapes (see
+    :func:`~composer_se.checkpoints.guard_se_loading`).
 
     Args:
         latent_channels (int | float, optional): hidden width ``L`` of each block, or a
@@ -62,11 +72,16 @@ class SqueezeExcite(Algorithm):
         placement (str, optional): ``'conv'`` (after each qualifying conv, as in
             Composer's method card) or ``'block'`` (at the end of each residual branch,
             as in the paper's SE-ResNet). Default: ``'conv'``.
+        fold_batchnorm (bool, optional): where a conv's output goes only to a
+            BatchNorm, that BatchNorm applies the SE block in the same pass as its
+            normalisation: same result, no extra activation kept for backward, less
+            time (see :func:`~composer_se.surgery.apply_squeeze_excite`).
+            Default: ``True``.
 
     Example:
         >>> from composer_se import SqueezeExcite
         >>> SqueezeExcite(latent_channels=64, min_channels=512, include=['layer3', 'layer4'])
-        composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default', placement='conv')
+        composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default', placement='conv', fold_batchnorm=True)
     """
 
     def __init__(
@@ -77,16 +92,21 @@ class SqueezeExcite(Algorithm):
         exclude: Patterns = None,
         init: str = 'default',
         placement: str = 'conv',
+        fold_batchnorm: bool = True,
     ):
         (self.latent_channels, self.min_channels, self.include, self.exclude, self.init,
          self.placement) = validate_hyperparameters(latent_channels, min_channels, include, exclude, init, placement)
+        if not isinstance(fold_batchnorm, bool):
+            raise ValueError(f'fold_batchnorm must be True or False, got {fold_batchnorm!r}')
+        self.fold_batchnorm = fold_batchnorm
         self._recreated_from_checkpoint = False
 
     def _call(self) -> str:
         """The constructor call that rebuilds this algorithm."""
         return (
             f'SqueezeExcite(latent_channels={self.latent_channels!r}, min_channels={self.min_channels!r}, '
-            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r}, placement={self.placement!r})'
+            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r}, placement={self.placement!r}, '
+            f'fold_batchnorm={self.fold_batchnorm!r})'
         )
 
     def __repr__(self) -> str:
@@ -100,9 +120,21 @@ class SqueezeExcite(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event == Event.INIT
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
+        if event in (Event.BEFORE_LOAD, Event.AFTER_LOAD):  # the Trainer loads checkpoints between the two
+            guard_se_loading(network_of(state.model), self._call(), enable=event == Event.BEFORE_LOAD)
+            return None
+        if event == Event.FIT_START:
+            broken = broken_folds(state.model)
+            if broken:
+                raise RuntimeError(
+                    f'The BatchNorms that apply the SE blocks of {", ".join(broken)} were replaced after SqueezeExcite '
+                    f'ran, so those blocks would be skipped. Run whatever replaces BatchNorms before SqueezeExcite, '
+                    f'or use SqueezeExcite(..., fold_batchnorm=False).',
+                )
+            return None
         if self._recreated_from_checkpoint:
             raise RuntimeError(
                 f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
@@ -112,11 +144,12 @@ class SqueezeExcite(Algorithm):
             )
         algorithms = list(state.algorithms)
         later = algorithms[algorithms.index(self) + 1:] if self in algorithms and self.placement == 'conv' else []
-        replacers = [type(a).__name__ for a in later if type(a).__name__ in CONV_REPLACING_ALGORITHMS]
+        replacing = CONV_REPLACING_ALGORITHMS + (NORM_REPLACING_ALGORITHMS if self.fold_batchnorm else ())
+        replacers = [type(a).__name__ for a in later if type(a).__name__ in replacing]
         if replacers:
             raise ValueError(
                 f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
-                f'with new modules, which would silently drop their SE blocks; list SqueezeExcite after it.',
+                f'or BatchNorms with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
             )
         report = apply_squeeze_excite(
             network_of(state.model),
@@ -127,6 +160,7 @@ class SqueezeExcite(Algorithm):
             exclude=self.exclude,
             init=self.init,
             placement=self.placement,
+            fold_batchnorm=self.fold_batchnorm,
         )
         log.info(
             f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '
@@ -141,6 +175,7 @@ class SqueezeExcite(Algorithm):
 def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:
     algorithm = SqueezeExcite(**kwargs)
     algorithm._recreated_from_checkpoint = True
+    note_saved_call(algorithm._call())  # for the message if the Trainer's SE blocks differ from the checkpoint's
     return algorithm
 
 

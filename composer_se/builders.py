@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 from composer import algorithms as ca
-from composer.core import Algorithm
+from composer.core import Algorithm, Time
 from composer.loggers import FileLogger, LoggerDestination
 from composer.optim import (ComposerScheduler, ConstantScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
                             DecoupledSGDW, MultiStepWithWarmupScheduler)
@@ -66,6 +66,8 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
         raise RecipeError(f'optimizer.lr must be positive, got {config.lr}')
     if config.weight_decay < 0:
         raise RecipeError(f'optimizer.weight_decay must be >= 0, got {config.weight_decay}')
+    if config.name in ('decoupled_sgdw', 'sgd') and not 0 <= config.momentum < 1:
+        raise RecipeError(f'optimizer.momentum must be in [0, 1), got {config.momentum}')
     params: Any = list(model.parameters())
     if config.no_decay_norm_and_bias:
         params = [
@@ -78,7 +80,26 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
     return OPTIMIZERS[config.name](params, **kwargs)
 
 
+def _duration(key: str, value: str, allow_zero: bool) -> None:
+    try:
+        duration = Time.from_timestring(value)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f'{key} must be a duration such as 5ep or 500ba, got {value!r}: {error}') from None
+    if duration.value < 0 or (duration.value == 0 and not allow_zero):
+        raise RecipeError(f'{key} must be {"0 or more" if allow_zero else "positive"} (such as 5ep or 500ba), got '
+                          f'{value!r}')
+
+
 def build_scheduler(config: SchedulerConfig) -> ComposerScheduler:
+    _duration('scheduler.t_warmup', config.t_warmup, allow_zero=True)
+    for milestone in config.milestones:
+        _duration('scheduler.milestones', milestone, allow_zero=False)
+    if not config.gamma > 0:
+        raise RecipeError(f'scheduler.gamma must be positive (the factor applied to the lr at each milestone), got '
+                          f'{config.gamma}')
+    if not 0 <= config.alpha_f <= 1:
+        raise RecipeError(f'scheduler.alpha_f must be in [0, 1] (the final lr as a fraction of the peak), got '
+                          f'{config.alpha_f}')
     if config.name == 'constant':
         return ConstantScheduler()
     if config.name == 'multistep_with_warmup':

@@ -44,7 +44,7 @@ class RecipeError(ValueError):
 class ModelConfig:
     name: str = MISSING  #: resnet20 | resnet56 | resnet110 | a torchvision classification model (resnet50, ...)
     num_classes: int = 10
-    weights: Optional[str] = None  #: a local state-dict file to load (never downloaded)
+    weights: Optional[str] = None  #: a local state dict or Composer checkpoint, loaded before SE (never downloaded)
 
 
 @dataclass

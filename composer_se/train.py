@@ -9,23 +9,37 @@ The recipe and the overrides become one :class:`~composer_se.config.RecipeConfig
 and prints, on every process, the SE blocks added, the epochs and batches trained, the
 final evaluation accuracy and a fingerprint of the final weights (equal on all
 processes of a data-parallel run).
-A mistake in the recipe, an override or the data location stops the run before
-training with one message, and exit status 2.
+A mistake in the recipe, an override, the data location or a checkpoint stops the run
+before training with one message, and exit status 2; an image that cannot be read, or
+a label outside the model's classes, stops it during training with one message naming
+the file or sample, and exit status 1.
+
+With ``checkpoint.autoresume``, relaunching a killed run with the same command
+continues from its last complete checkpoint (see
+:func:`~composer_se.checkpoints.prepare_autoresume`), and relaunching a finished run
+trains nothing and evaluates its final checkpoint. Checkpoints are read without running
+code from them and checked against the model before Composer loads them
+(:func:`~composer_se.checkpoints.composer_loads_safely`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import sys
 from typing import Optional
 
 import torch
 from composer import Trainer
-from composer.utils import dist, reproducibility
+from composer.core import Time
+from composer.utils import dist, format_name_with_dist, reproducibility
 
+from composer_se.algorithm import SqueezeExcite
 from composer_se.builders import build_algorithms, build_loggers, build_optimizer, build_scheduler
+from composer_se.checkpoints import CheckpointError, checkpoint_files, composer_loads_safely, prepare_autoresume
 from composer_se.config import RecipeConfig, RecipeError, load_recipe
-from composer_se.data.loaders import build_dataloader
+from composer_se.data.loaders import DataError, build_dataloader
 from composer_se.layers import SqueezeExcite2d
 from composer_se.models import build_model
 
@@ -34,26 +48,102 @@ __all__ = ['build_trainer', 'main', 'weights_fingerprint']
 USAGE = 'usage: python -m composer_se.train RECIPE.yaml [key=value ...]'
 
 
-def _check_numbers(config: RecipeConfig) -> None:
+#: run_name is put into file and folder names ({run_name} in checkpoint.save_folder and loggers.file).
+PLAIN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+
+
+def _positive_duration(key: str, value: str, units: tuple[str, ...] = ('ep', 'ba', 'sp', 'tok')) -> None:
+    try:
+        duration = Time.from_timestring(value)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f'{key} must be a duration such as 4ep or 500ba, got {value!r}: {error}') from None
+    if duration.unit.value not in units:
+        raise RecipeError(f'{key} must be counted in {", ".join(units)} (such as 4ep or 500ba), got {value!r}')
+    if not duration.value > 0:
+        raise RecipeError(f'{key} must be positive (such as 4ep or 500ba), got {value!r}')
+
+
+def _check_values(config: RecipeConfig) -> None:
+    """Rejects values that no training run could use, before anything is built."""
     if config.global_batch_size < 1:
         raise RecipeError(f'global_batch_size must be at least 1, got {config.global_batch_size}')
     if config.eval_batch_size < 1:
         raise RecipeError(f'eval_batch_size must be at least 1, got {config.eval_batch_size}')
+    if config.device_train_microbatch_size is not None and config.device_train_microbatch_size < 1:
+        raise RecipeError(f'device_train_microbatch_size must be at least 1 (or null for the whole batch), got '
+                          f'{config.device_train_microbatch_size}')
     if config.data.num_workers < 0:
         raise RecipeError(f'data.num_workers must be >= 0, got {config.data.num_workers}')
+    if not 0 <= config.seed < 2**32:
+        raise RecipeError(f'seed must be between 0 and 2**32 - 1, got {config.seed}')
+    _positive_duration('max_duration', config.max_duration)
+    _positive_duration('eval_interval', config.eval_interval, ('ep', 'ba', 'sp', 'tok', 'dur'))
+    _positive_duration('checkpoint.save_interval', config.checkpoint.save_interval, ('ep', 'ba', 'sp', 'tok', 'dur'))
+    if config.checkpoint.save_num_checkpoints_to_keep < -1:
+        raise RecipeError(f'checkpoint.save_num_checkpoints_to_keep must be -1 (keep all), 0 or more, got '
+                          f'{config.checkpoint.save_num_checkpoints_to_keep}')
     if config.precision not in (None, 'fp32', 'amp_fp16', 'amp_bf16'):
         raise RecipeError(f'precision must be fp32, amp_fp16 or amp_bf16 (or null for the default), got '
                           f'{config.precision!r}')
     if config.device not in (None, 'cpu', 'gpu'):
         raise RecipeError(f'device must be cpu or gpu (or null for the default), got {config.device!r}')
+    if config.run_name is not None and not PLAIN_NAME.match(config.run_name):
+        raise RecipeError(f'run_name must be a plain name of letters, digits, ".", "_" and "-" (it becomes part of '
+                          f'file names), got {config.run_name!r}')
     if config.checkpoint.autoresume and not (config.run_name and config.checkpoint.save_folder):
         raise RecipeError('checkpoint.autoresume needs run_name and checkpoint.save_folder, so that a relaunch finds '
                           'the run\'s checkpoints')
+    load_path = config.checkpoint.load_path
+    if load_path and '://' not in load_path and not os.path.isfile(load_path):
+        raise RecipeError(f'checkpoint.load_path {load_path} does not exist; it takes a checkpoint file that a run '
+                          f'saved (such as ckpt/ep3-ba1200-rank0.pt)')
+
+
+def _prepare_save_folder(config: RecipeConfig) -> Optional[str]:
+    """Readies the save folder; returns the checkpoint autoresume will continue from, if any.
+
+    With autoresume, process 0 runs :func:`prepare_autoresume` while the others wait.
+    Without it, a folder that already holds checkpoints is refused (Composer would
+    refuse it only once training starts, as a new run could overwrite them).
+    """
+    if not config.checkpoint.save_folder:
+        return None
+    folder = format_name_with_dist(config.checkpoint.save_folder, config.run_name)
+    if not config.checkpoint.autoresume:
+        found = [name for _, name in checkpoint_files(folder)]
+        if found:
+            shown = ', '.join(found[:3]) + (f' and {len(found) - 3} more' if len(found) > 3 else '')
+            raise RecipeError(f'checkpoint.save_folder {folder} already holds checkpoints ({shown}): set '
+                              f'checkpoint.autoresume=true (with the same run_name) to continue that run, or use '
+                              f'another folder for a new run')
+        return None
+    outcome: list = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            outcome = [prepare_autoresume(folder) + (None,)]
+        except CheckpointError as error:
+            outcome = [(None, [], str(error))]
+        except OSError as error:  # a folder that cannot be read or written: every process must hear of it
+            outcome = [(None, [], f'cannot prepare checkpoint.save_folder {folder} for autoresume: {error}')]
+    dist.broadcast_object_list(outcome, src=0)  # also keeps the others waiting until the folder is ready
+    resumed, notes, error = outcome[0]
+    if error is not None:
+        raise CheckpointError(error)
+    if dist.get_global_rank() == 0:
+        for note in notes:
+            print(f'composer_se.train: autoresume: {note}', file=sys.stderr, flush=True)
+    return resumed
 
 
 def build_trainer(config: RecipeConfig) -> Trainer:
-    """A Composer ``Trainer`` for ``config``; raises :class:`RecipeError` for anything wrong in it."""
-    _check_numbers(config)
+    """A Composer ``Trainer`` for ``config``.
+
+    Raises:
+        RecipeError: for anything wrong in the recipe or what it points at.
+        CheckpointError: for a checkpoint to load that is missing, damaged, unsafe or
+            made for another model (see :mod:`composer_se.checkpoints`).
+    """
+    _check_values(config)
     device = config.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     precision = config.precision or ('amp_bf16' if device == 'gpu' else 'fp32')
     algorithms = build_algorithms(config.algorithms)
@@ -64,38 +154,45 @@ def build_trainer(config: RecipeConfig) -> Trainer:
     reproducibility.seed_all(config.seed)
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist(device)
+    resumed = _prepare_save_folder(config)
+    if resumed is not None:
+        source = f'the checkpoint that autoresume continues from, {resumed},'
+    else:
+        source = f'checkpoint.load_path {config.checkpoint.load_path}'
     model = build_model(config.model)
     train = build_dataloader(config.data, config.model.num_classes, True, config.global_batch_size, config.seed)
     evaluation = build_dataloader(config.data, config.model.num_classes, False, config.eval_batch_size, config.seed)
+    se = [repr(a).removeprefix('composer_se.') for a in algorithms if isinstance(a, SqueezeExcite)]
     try:
         optimizer = build_optimizer(config.optimizer, model)
         scheduler = build_scheduler(config.scheduler)
-        return Trainer(
-            model=model,
-            train_dataloader=train,
-            eval_dataloader=evaluation,
-            eval_interval=config.eval_interval,
-            max_duration=config.max_duration,
-            optimizers=optimizer,
-            schedulers=scheduler,
-            algorithms=algorithms,
-            loggers=build_loggers(config.loggers),
-            progress_bar=config.loggers.progress_bar,
-            log_to_console=not config.loggers.progress_bar,
-            run_name=config.run_name,
-            seed=config.seed,
-            device=device,
-            precision=precision,
-            device_train_microbatch_size=config.device_train_microbatch_size,
-            save_folder=config.checkpoint.save_folder,
-            save_interval=config.checkpoint.save_interval,
-            save_num_checkpoints_to_keep=config.checkpoint.save_num_checkpoints_to_keep,
-            autoresume=config.checkpoint.autoresume,
-            load_path=config.checkpoint.load_path,
-            load_weights_only=config.checkpoint.load_weights_only,
-        )
+        with composer_loads_safely(model, source=source, current_call=se[0] if se else None):
+            return Trainer(
+                model=model,
+                train_dataloader=train,
+                eval_dataloader=evaluation,
+                eval_interval=config.eval_interval,
+                max_duration=config.max_duration,
+                optimizers=optimizer,
+                schedulers=scheduler,
+                algorithms=algorithms,
+                loggers=build_loggers(config.loggers),
+                progress_bar=config.loggers.progress_bar,
+                log_to_console=not config.loggers.progress_bar,
+                run_name=config.run_name,
+                seed=config.seed,
+                device=device,
+                precision=precision,
+                device_train_microbatch_size=config.device_train_microbatch_size,
+                save_folder=config.checkpoint.save_folder,
+                save_interval=config.checkpoint.save_interval,
+                save_num_checkpoints_to_keep=config.checkpoint.save_num_checkpoints_to_keep,
+                autoresume=config.checkpoint.autoresume,
+                load_path=config.checkpoint.load_path,
+                load_weights_only=config.checkpoint.load_weights_only,
+            )
     except (ValueError, TypeError) as error:
-        if isinstance(error, RecipeError):
+        if isinstance(error, (RecipeError, CheckpointError)):
             raise
         # Composer's own checks (durations such as '5 epochs', intervals, ...) speak for the recipe.
         raise RecipeError(f'Composer rejected the recipe: {str(error).splitlines()[0]}') from error
@@ -114,6 +211,21 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of a :class:`DataError`, also when a dataloader worker raised it (its traceback is then the text)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if 'DataError: ' in line:
+            return line.split('DataError: ', 1)[1]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _finished(trainer: Trainer) -> bool:
+    """Whether the loaded checkpoint is already at ``max_duration`` (a relaunch of a finished run)."""
+    max_duration = trainer.state.max_duration
+    return max_duration is not None and trainer.state.timestamp.get(max_duration.unit) >= max_duration
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ('-h', '--help'):
@@ -123,13 +235,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = load_recipe(args[0], args[1:])
         trainer = build_trainer(config)
-    except RecipeError as error:
+    except (RecipeError, CheckpointError) as error:
         print(f'{rank}composer_se.train: error: {error}', file=sys.stderr)
         return 2
     blocks = [m for m in trainer.state.model.modules() if isinstance(m, SqueezeExcite2d)]
     added = sum(p.numel() for block in blocks for p in block.parameters())
     print(f'{rank}SqueezeExcite: {len(blocks)} SE blocks ({added:,} parameters)', flush=True)
-    trainer.fit()
+    timestamp = trainer.state.timestamp
+    if trainer.state.load_path is not None:
+        print(f'{rank}loaded checkpoint {trainer.state.load_path}: continuing at epoch {int(timestamp.epoch)}, batch '
+              f'{int(timestamp.batch)}', flush=True)
+    try:
+        if _finished(trainer):
+            print(f'{rank}the run already reached max_duration={config.max_duration}; nothing to train, evaluating '
+                  f'its final checkpoint', flush=True)
+            trainer.eval()
+        else:
+            trainer.fit()
+    except DataError as error:
+        print(f'{rank}composer_se.train: error: {_one_line(error)}', file=sys.stderr, flush=True)
+        trainer.close()
+        return 1
     timestamp = trainer.state.timestamp
     print(f'{rank}trained {int(timestamp.epoch)} epochs, {int(timestamp.batch)} batches')
     metrics = trainer.state.eval_metrics.get('eval', {})

@@ -39,14 +39,14 @@ def write_image_tree(root: Path, splits=('train', 'val'), classes=('cat', 'dog')
     return root
 
 
-def write_mds(root: Path, splits=('train', 'val'), per_split=32, size=16) -> Path:
-    """MDS shards ``root/<split>/`` with columns ``x`` (a JPEG image) and ``y`` (its class)."""
+def write_mds(root: Path, splits=('train', 'val'), per_split=32, size=16, num_labels=2) -> Path:
+    """MDS shards ``root/<split>/`` with columns ``x`` (a JPEG image) and ``y`` (its class, ``index % num_labels``)."""
     from streaming import MDSWriter
     rng = np.random.default_rng(0)
     for split in splits:
         with MDSWriter(out=str(root / split), columns={'x': 'jpeg', 'y': 'int'}) as writer:
             for index in range(per_split):
-                label = index % 2
+                label = index % num_labels
                 pixels = rng.integers(0, 100, (size, size, 3)) + 150 * label
                 writer.write({'x': Image.fromarray(pixels.astype(np.uint8)), 'y': label})
     return root

@@ -34,8 +34,15 @@ def test_is_a_composer_algorithm_required_on_load():
 
 
 @pytest.mark.parametrize('event', list(Event))
-def test_matches_only_init(event):
-    assert SqueezeExcite().match(event, make_state()) == (event == Event.INIT)
+def test_matches_init_fit_start_and_checkpoint_loading(event):
+    expected = (Event.INIT, Event.FIT_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
+    assert SqueezeExcite().match(event, make_state()) == (event in expected)
+
+
+@pytest.mark.parametrize('value', [1, 'yes', None])
+def test_fold_batchnorm_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=f'fold_batchnorm must be True or False, got {value!r}'):
+        SqueezeExcite(fold_batchnorm=value)
 
 
 def test_apply_does_surgery_with_the_states_optimizers_and_logs(caplog):
@@ -75,7 +82,7 @@ def test_repr_shows_hyperparameters_and_rebuilds_the_algorithm():
                               init='identity')
     text = repr(algorithm)
     assert text == ("composer_se.SqueezeExcite(latent_channels=0.25, min_channels=256, include=('layer3',), "
-                    "exclude=('*.downsample*',), init='identity', placement='conv')")
+                    "exclude=('*.downsample*',), init='identity', placement='conv', fold_batchnorm=True)")
     rebuilt = eval(text, {'composer_se': composer_se})
     assert type(rebuilt) is SqueezeExcite and repr(rebuilt) == text
     assert algorithm.state_dict() == {'repr': text}

@@ -1,4 +1,4 @@
-"""Runs through Composer's launcher in separate processes: two ranks, kill and autoresume, real data."""
+"""Runs through Composer's launcher in separate processes: two ranks, SIGKILL and autoresume, real data."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from composer_se.train import main
 from tests.recipes import ROOT, SHRINK, write_mds
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
@@ -24,7 +25,11 @@ TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'eval
 def launch(args: list[str], cwd: Path, processes: int = 1, **kwargs) -> subprocess.Popen:
     command = [COMPOSER, '-n', str(processes), '--stdout', str(cwd / 'rank{rank}.stdout'), '--stderr',
                str(cwd / 'rank{rank}.stderr'), '-m', 'composer_se.train', *args]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    env = dict(os.environ)
+    if processes > 1:  # each process would start a thread per core: oversubscribed, several times slower
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            **kwargs)
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> str:
@@ -54,28 +59,71 @@ def test_two_processes_apply_se_on_both_ranks_and_agree(tmp_path):
     assert len(ours) == len(theirs) == 1 and ours == theirs
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    recipe = [DEMO, *TINY, 'max_duration=4ep', 'run_name=killed', 'checkpoint.save_folder=ckpt',
-              'checkpoint.autoresume=true', 'checkpoint.save_interval=1ep']
+#: 128 samples in global batches of 8: 16 batches an epoch (on 1 or 2 processes), a checkpoint every 2 batches.
+KILLABLE = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=128', 'data.synthetic_eval_samples=64',
+            'eval_interval=1ep', 'max_duration=2ep', 'run_name=killed', 'checkpoint.save_folder=ckpt',
+            'checkpoint.autoresume=true', 'checkpoint.save_interval=2ba']
+FINAL_LINES = re.compile(r'^(?:\[rank \d\] )?(trained .*|final eval accuracy: .*|final weights fingerprint: .*)$', re.M)
+
+
+def kill_mid_epoch(run: Path, processes: int) -> int:
+    """Launches the run, SIGKILLs every process once the first checkpoint is linked; returns the linked batch.
+
+    It also leaves, deterministically, what a kill between Composer writing a checkpoint
+    file and moving latest-rank0.pt to it leaves: a newer checkpoint file, here cut short.
+    """
+    process = launch([DEMO, *KILLABLE], run, processes, start_new_session=True)
+    latest = run / 'ckpt' / 'latest-rank0.pt'
+    deadline = time.time() + 240
+    while not latest.is_symlink():
+        assert process.poll() is None and time.time() < deadline, 'the run ended before its first checkpoint'
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    epoch, batch = map(int, re.match(r'ep(\d+)-ba(\d+)-rank0\.pt', os.readlink(latest)).groups())
+    assert 0 < batch < 16 and epoch == 0, f'killed at batch {batch}, not in the middle of the first epoch'
+    newer = run / 'ckpt' / f'ep0-ba{batch + 2}-rank0.pt'
+    if not newer.exists():  # the kill may have left one already
+        newer.write_bytes((run / 'ckpt' / os.readlink(latest)).read_bytes()[:100_000])
+    return batch
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_accuracy(tmp_path, monkeypatch, capsys):
     reference = tmp_path / 'reference'
     reference.mkdir()
-    expected = fingerprints(finish(launch(recipe, reference)))
+    monkeypatch.chdir(reference)  # the uninterrupted run, in this process: the same numbers as a launched one
+    assert main([DEMO, *KILLABLE]) == 0
+    expected = FINAL_LINES.findall(capsys.readouterr().out)
+    assert len(expected) == 3
 
     run = tmp_path / 'run'
     run.mkdir()
-    process = launch(recipe, run, start_new_session=True)
-    deadline = time.time() + 240
-    latest = run / 'ckpt' / 'latest-rank0.pt'  # the link autoresume follows, made once a checkpoint is complete
-    while not latest.exists():
-        assert process.poll() is None and time.time() < deadline, 'the run ended before its first checkpoint'
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
-    assert not (run / 'ckpt' / 'ep4-ba32-rank0.pt').exists()
+    batch = kill_mid_epoch(run, processes=1)
 
-    resumed = finish(launch(recipe, run))
+    resumed = finish(launch([DEMO, *KILLABLE], run))
     assert 'SqueezeExcite: 7 SE blocks' in resumed
-    assert fingerprints(resumed) == expected
+    assert re.search(rf'loaded checkpoint \S+latest-rank0.pt: continuing at epoch 0, batch {batch}\n', resumed)
+    assert f'ep0-ba{batch + 2}-rank0.pt' in os.listdir(run / 'ckpt' / 'orphaned-checkpoints')
+    assert FINAL_LINES.findall(resumed) == expected  # weights fingerprint and eval accuracy
+
+
+def test_a_two_process_run_killed_mid_epoch_resumes_to_the_same_weights_and_accuracy(tmp_path):
+    reference = tmp_path / 'reference'
+    reference.mkdir()
+    expected = FINAL_LINES.findall(finish(launch([DEMO, *KILLABLE], reference, processes=2)))
+    expected_rank1 = FINAL_LINES.findall((reference / 'rank1.stdout').read_text())
+    assert len(expected) == len(expected_rank1) == 3 and expected[2] == expected_rank1[2]  # the same weights
+
+    run = tmp_path / 'run'
+    run.mkdir()
+    batch = kill_mid_epoch(run, processes=2)
+
+    resumed = finish(launch([DEMO, *KILLABLE], run, processes=2))
+    rank1 = (run / 'rank1.stdout').read_text()  # appended to by both launches
+    assert re.search(rf'loaded checkpoint \S+latest-rank0.pt: continuing at epoch 0, batch {batch}\n', resumed)
+    assert '[rank 1] loaded checkpoint' in rank1.split('[rank 1] SqueezeExcite: 7 SE blocks')[-1]
+    assert FINAL_LINES.findall(resumed) == expected
+    assert FINAL_LINES.findall(rank1)[-3:] == expected_rank1
 
 
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f'{CIFAR_JPEG} is not on this machine')

@@ -101,7 +101,7 @@ def test_cifar_resnet_sizes():
     (['optimizer.name=adam'], "unknown optimizer.name 'adam'"),
     (['optimizer.lr=-1'], 'optimizer.lr must be positive, got -1.0'),
     (['scheduler.name=cosine'], "unknown scheduler.name 'cosine'"),
-    (['max_duration=10 epochs'], 'Composer rejected the recipe'),
+    (['max_duration=10 epochs'], "max_duration must be a duration such as 4ep or 500ba, got '10 epochs'"),
     (['checkpoint.autoresume=true'], 'checkpoint.autoresume needs run_name and checkpoint.save_folder'),
     (['precision=fp8'], 'precision must be fp32, amp_fp16 or amp_bf16'),
     (['algorithms.randaugment={}'], 'randaugment and augmix transform images in the dataset; they need data.source'),

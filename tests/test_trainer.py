@@ -112,7 +112,7 @@ def test_loading_without_the_algorithm_says_to_add_it(checkpoints, composer_se_c
         cause = info.value.__cause__
         assert isinstance(cause, RuntimeError)
         assert 'Add the algorithm: `from composer_se import SqueezeExcite`' in str(cause)
-        assert "algorithms=[SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default', placement='conv')]" in str(
+        assert "algorithms=[SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default', placement='conv', fold_batchnorm=True)]" in str(
             cause)
     assert composer_se_calls == []
 
@@ -136,3 +136,27 @@ def test_a_conv_replacing_algorithm_after_squeeze_excite_is_refused():
     with pytest.warns(NoEffectWarning, match='BlurPool did not change any layers'):  # small_cnn has no strides
         trainer = make_trainer([BlurPool(), SqueezeExcite(**HPARAMS)])
     assert blocks(trainer)[0] == ['module.0', 'module.3.0']
+
+
+def fold_trainer(algorithms) -> Trainer:
+    """small_cnn's first conv feeds a BatchNorm, so its SE block is folded into it."""
+    return make_trainer(algorithms, max_duration='1ba')
+
+
+def test_a_norm_replacing_algorithm_after_folded_squeeze_excite_is_refused():
+    from composer.algorithms import GhostBatchNorm
+    with pytest.raises(ValueError, match='GhostBatchNorm comes after SqueezeExcite .* list SqueezeExcite after it'):
+        fold_trainer([SqueezeExcite(**HPARAMS), GhostBatchNorm(ghost_batch_size=8)])
+    # Without folding, GhostBatchNorm after SE changes no SE block.
+    trainer = fold_trainer([SqueezeExcite(**HPARAMS, fold_batchnorm=False), GhostBatchNorm(ghost_batch_size=8)])
+    trainer.fit()
+    assert blocks(trainer)[0] == ['module.0', 'module.3.0']
+
+
+def test_a_folded_batchnorm_replaced_before_fit_is_an_error():
+    trainer = fold_trainer([SqueezeExcite(**HPARAMS)])
+    network = trainer.state.model.module
+    assert type(network[1]).__name__ == 'FoldedSqueezeExciteBatchNorm2d'
+    network[1] = torch.nn.BatchNorm2d(16)  # as a later surgery might
+    with pytest.raises(RuntimeError, match=r'BatchNorms that apply the SE blocks of module\.0 were replaced'):
+        trainer.fit()

@@ -15,11 +15,23 @@ Augmentation, chosen by ``data.augmentation``:
 Both end with ``ToTensor`` and a per-channel normalisation. The pipeline is a
 ``torchvision.transforms.Compose`` whose PIL stage ends at ``ToTensor``: that is where
 Composer's RandAugment and AugMix insert their PIL transforms.
+
+Bad data stops the run with a message naming what to fix. Before training (a
+:class:`~composer_se.config.RecipeError`): a missing folder or split, a split without
+class folders or without images, more class folders than ``model.num_classes``, an
+evaluation split whose classes differ from the training split's, and CIFAR-10 with
+fewer than 10 classes. During training (a :class:`DataError`, raised in whichever
+process or dataloader worker reads the sample): an image file that cannot be read or
+decoded (named, with the reason: the policy is to stop, not to skip) and a streaming
+sample whose label is outside ``0 .. model.num_classes - 1``. Files without an image
+extension (``notes.txt``, ``.DS_Store``) are not samples: torchvision's
+``ImageFolder`` leaves them out.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,20 +39,38 @@ import torch
 from composer.core import DataSpec
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset, Subset
+from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
 from composer_se.config import DataConfig, RecipeError
 from composer_se.data.synthetic import SyntheticImages
 
-__all__ = ['SOURCES', 'build_dataloader', 'build_dataset', 'build_transform']
+__all__ = ['SOURCES', 'DataError', 'build_dataloader', 'build_dataset', 'build_transform', 'read_image']
 
 SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
 AUGMENTATIONS = ('cifar', 'imagenet')
+SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data.root (or data.local), not a path
 NORMALIZATION = {
     'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+class DataError(RuntimeError):
+    """A sample cannot be used (an unreadable image, a label out of range); the message names it and the fix."""
+
+
+def read_image(path: str) -> Image.Image:
+    """The RGB image in file ``path``; raises :class:`DataError` naming the file when it cannot be read or decoded."""
+    try:
+        with open(path, 'rb') as file:
+            image = Image.open(file)
+            return image.convert('RGB')  # decodes the whole file: a truncated one fails here
+    except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise DataError(f'image file {path} cannot be read ({type(error).__name__}: {error}); delete or replace it, '
+                        f'then relaunch (with checkpoint.autoresume the run continues from its last checkpoint)'
+                        ) from None
 
 
 def build_transform(augmentation: str, image_size: int, train: bool) -> transforms.Compose:
@@ -72,13 +102,20 @@ if StreamingDataset is not None:
         worker) its own share of the samples, shuffled per epoch when ``shuffle=True``.
         """
 
-        def __init__(self, transform: Callable, **kwargs):
+        def __init__(self, transform: Callable, num_classes: int, **kwargs):
             super().__init__(**kwargs)
             self.transform = transform
+            self.num_classes = num_classes
+            self.split_name = kwargs.get('split')
 
         def get_item(self, index: int):
             sample = super().get_item(index)
-            return self.transform(sample['x'].convert('RGB')), int(sample['y'])
+            label = int(sample['y'])
+            if not 0 <= label < self.num_classes:
+                raise DataError(f'sample {index} of the streaming split {self.split_name!r} has label {label}, outside '
+                                f'0 .. {self.num_classes - 1} (model.num_classes={self.num_classes}): set '
+                                f'model.num_classes to the number of classes of the data, or fix the shards')
+            return self.transform(sample['x'].convert('RGB')), label
 
 
 def _eval_split(config: DataConfig, root: Path) -> str:
@@ -91,7 +128,7 @@ def _eval_split(config: DataConfig, root: Path) -> str:
                       f'split or point data.root at the dataset')
 
 
-def _image_folder(config: DataConfig, train: bool, transform: Callable) -> datasets.ImageFolder:
+def _image_folder(config: DataConfig, train: bool, transform: Callable, num_classes: int) -> datasets.ImageFolder:
     if not config.root:
         raise RecipeError('data.root must be set for data.source=imagefolder (a folder with train/ and val/ or test/)')
     root = Path(config.root)
@@ -103,12 +140,28 @@ def _image_folder(config: DataConfig, train: bool, transform: Callable) -> datas
     if not folder.is_dir():
         raise RecipeError(f'split folder {folder} does not exist; data.root must hold {split}/<class>/<image>')
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        dataset = datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise RecipeError(f'{folder} is not a folder of class folders of images: {error}') from None
+    classes = dataset.classes
+    if len(classes) > num_classes:
+        extra = classes[num_classes:]
+        shown = ', '.join(extra[:3]) + (f' and {len(extra) - 3} more' if len(extra) > 3 else '')
+        raise RecipeError(f'{folder} has {len(classes)} class folders but model.num_classes is {num_classes}, so the '
+                          f'labels of {shown} would be out of range: set model.num_classes={len(classes)}')
+    if not train:
+        train_classes = sorted(entry.name for entry in os.scandir(root / config.train_split) if entry.is_dir())
+        if classes != train_classes:
+            differ = sorted(set(classes) ^ set(train_classes))
+            raise RecipeError(f'the class folders of {folder} and {root / config.train_split} differ (not in both: '
+                              f'{", ".join(differ[:5])}), so a label would name different classes in the two: give '
+                              f'both splits the same class folders')
+    return dataset
 
 
-def _cifar10(config: DataConfig, train: bool, transform: Callable) -> datasets.CIFAR10:
+def _cifar10(config: DataConfig, train: bool, transform: Callable, num_classes: int) -> datasets.CIFAR10:
+    if num_classes < 10:
+        raise RecipeError(f'CIFAR-10 has 10 classes but model.num_classes is {num_classes}: set model.num_classes=10')
     if not config.root:
         raise RecipeError('data.root must be set for data.source=cifar10 (the folder holding cifar-10-batches-py)')
     try:
@@ -120,7 +173,8 @@ def _cifar10(config: DataConfig, train: bool, transform: Callable) -> datasets.C
         ) from None
 
 
-def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size: int, seed: int) -> Dataset:
+def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size: int, seed: int,
+               num_classes: int) -> Dataset:
     if not (config.remote or config.local):
         raise RecipeError('data.source=streaming needs data.remote (where the MDS shards are) or data.local')
     split = config.train_split if train else (config.eval_split or 'val')
@@ -134,6 +188,7 @@ def _streaming(config: DataConfig, train: bool, transform: Callable, batch_size:
                           'smaller shards instead')
     return StreamingImages(
         transform,
+        num_classes,
         remote=config.remote,
         local=config.local,
         split=split,
@@ -168,18 +223,29 @@ def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size:
         raise RecipeError(f'unknown data.source {config.source!r}; choose one of {", ".join(SOURCES)}')
     if config.image_size < 1:
         raise RecipeError(f'data.image_size must be at least 1, got {config.image_size}')
+    if config.augmentation not in AUGMENTATIONS:
+        raise RecipeError(f'unknown data.augmentation {config.augmentation!r}; choose one of '
+                          f'{", ".join(AUGMENTATIONS)}')
+    for key in ('train_split', 'eval_split'):
+        split = getattr(config, key)
+        if split is not None and not SPLIT_NAME.match(split):
+            raise RecipeError(f'data.{key} must be the name of a folder inside the data root (letters, digits, ".", '
+                              f'"_", "-"), got {split!r}')
     if config.source == 'streaming':
         return _streaming(config, train, build_transform(config.augmentation, config.image_size, train), batch_size,
-                          seed)
+                          seed, num_classes)
     if config.source == 'synthetic':
         samples = config.synthetic_train_samples if train else config.synthetic_eval_samples
+        if samples < 1:
+            split = 'train' if train else 'eval'
+            raise RecipeError(f'data.synthetic_{split}_samples must be at least 1, got {samples}')
         offset = 0 if train else config.synthetic_train_samples
         dataset: Dataset = SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
                                            offset=offset)
     else:
         transform = build_transform(config.augmentation, config.image_size, train)
         reader = _cifar10 if config.source == 'cifar10' else _image_folder
-        dataset = reader(config, train, transform)
+        dataset = reader(config, train, transform, num_classes)
     return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)
 
 

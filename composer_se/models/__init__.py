@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 import os
 
-import torch
 import torchvision
 from composer.models import ComposerClassifier
 from torch import nn
 
+from composer_se.checkpoints import CheckpointError, read_checkpoint
 from composer_se.config import ModelConfig, RecipeError
 from composer_se.models.cifar_resnet import DEPTHS, BasicBlock, CIFARResNet, cifar_resnet
 
@@ -44,14 +44,24 @@ def build_module(config: ModelConfig) -> nn.Module:
 
 
 def _load_weights(module: nn.Module, path: str) -> None:
+    """Loads a state dict, or the model of a Composer checkpoint, from local file ``path`` into ``module``.
+
+    The file is read with ``weights_only=True`` (:func:`~composer_se.checkpoints.read_checkpoint`).
+    A Composer checkpoint's model is a ``ComposerClassifier``, whose keys start with
+    ``module.``; that prefix is removed. This is how a model trained without SE starts
+    an SE run: its weights are loaded here, before SE is added.
+    """
     if not os.path.isfile(path):
         raise RecipeError(f'model.weights file {path} does not exist (weights are only read from local files)')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise RecipeError(f'model.weights file {path} could not be read as a state dict: {error}') from None
+        state = read_checkpoint(path, name=f'model.weights file {path}')
+    except CheckpointError as error:
+        raise RecipeError(str(error)) from None
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
+    elif isinstance(state, dict) and isinstance(state.get('state'), dict) and isinstance(state['state'].get('model'),
+                                                                                          dict):
+        state = {key.removeprefix('module.'): value for key, value in state['state']['model'].items()}
     if not isinstance(state, dict):
         raise RecipeError(f'model.weights file {path} holds a {type(state).__name__}, not a state dict')
     expected = module.state_dict()
@@ -61,8 +71,12 @@ def _load_weights(module: nn.Module, path: str) -> None:
     for problem, keys in (('missing', missing), ('unexpected', unexpected), ('wrong-shape', wrong_shape)):
         if keys:
             shown = ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
+            hint = ''
+            if problem == 'unexpected' and any('se' in key.split('.')[:-1] for key in keys):
+                hint = ('; its SE weights show that it was saved with SqueezeExcite: to continue that run, pass it as '
+                        'checkpoint.load_path (with the same algorithms.squeeze_excite) instead')
             raise RecipeError(f'model.weights file {path} does not fit model {module.__class__.__name__}: '
-                              f'{len(keys)} {problem} key(s): {shown}')
+                              f'{len(keys)} {problem} key(s): {shown}{hint}')
     module.load_state_dict(state)
 
 
