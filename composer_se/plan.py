@@ -39,9 +39,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from composer_se.graph import batch_norm_consumers
-from composer_se.layers import can_fold
-from composer_se.surgery import Patterns, network_of, select_sites, validate_hyperparameters
+from composer_se.surgery import Patterns, fold_targets, network_of, select_sites, validate_hyperparameters
 
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
 
@@ -140,9 +138,7 @@ def plan_squeeze_excite(
         latent_channels, min_channels, include, exclude, placement=placement)
     meta = _meta_copy(network_of(model)).eval()
     selection = select_sites(meta, latent_channels, min_channels, include, exclude, placement=placement)
-    consumers = {}
-    if fold_batchnorm and placement == 'conv' and selection.chosen:
-        consumers = batch_norm_consumers(meta)[0]
+    folds = fold_targets(meta, selection, fold_batchnorm and placement == 'conv')[0]
     names = {id(module): name for name, module in meta.named_modules()}
 
     shapes: dict[nn.Module, torch.Size] = {}
@@ -171,8 +167,8 @@ def plan_squeeze_excite(
             raise ValueError(f'module {site.names[0]!r} did not produce a 4-D feature map in the forward pass, so its '
                              f'SE cost cannot be planned')
         channels, height, width_px = int(shape[1]), int(shape[2]), int(shape[3])
-        norm = consumers.get(id(site.module))
-        folded = norm is not None and can_fold(norm, channels)
+        norm = folds.get(id(site.module))
+        folded = norm is not None
         feature_map = channels * height * width_px * bytes_per_element
         rows.append(PlanRow(
             name=site.names[0],

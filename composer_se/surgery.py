@@ -38,6 +38,7 @@ __all__ = [
     'SqueezeExciteReport',
     'apply_squeeze_excite',
     'broken_folds',
+    'fold_targets',
     'network_of',
     'select_sites',
     'resolve_latent_channels',
@@ -412,9 +413,7 @@ def apply_squeeze_excite(
     selection = select_sites(model, latent_channels, min_channels, include, exclude, init, placement)
     if not isinstance(fold_batchnorm, bool):
         raise ValueError(f'fold_batchnorm must be True or False, got {fold_batchnorm!r}')
-    consumers, fold_unavailable = {}, None
-    if fold_batchnorm and placement == 'conv' and selection.chosen:
-        consumers, fold_unavailable = batch_norm_consumers(network_of(model))
+    folds, fold_unavailable = fold_targets(network_of(model), selection, fold_batchnorm and placement == 'conv')
     module_names = {id(module): name for name, module in model.named_modules()}
     optimizers = _as_optimizers(optimizers)
     num_groups = sum(len(opt.param_groups) for opt in optimizers)
@@ -447,9 +446,7 @@ def apply_squeeze_excite(
         if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(site.module.training)
-        norm = consumers.get(id(site.module))
-        if norm is not None and not can_fold(norm, site.channels):
-            norm = None
+        norm = folds.get(id(site.module))
         added = AddedBlock(
             name=name,
             in_channels=site.in_channels,
@@ -485,6 +482,25 @@ def apply_squeeze_excite(
     if not planned:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, min_channels, placement)))
     return report
+
+
+def fold_targets(network: nn.Module, selection: Selection,
+                 fold: bool = True) -> tuple[dict[int, nn.BatchNorm2d], Optional[str]]:
+    """For each chosen conv (by ``id``) whose block would be folded, its BatchNorm; and why none can be, if so.
+
+    ``fold`` is ``fold_batchnorm`` with ``placement='conv'``. A conv's output must go to a
+    BatchNorm alone (:func:`~composer_se.graph.batch_norm_consumers`) that
+    :func:`~composer_se.layers.can_fold` accepts.
+    """
+    if not (fold and selection.chosen):
+        return {}, None
+    consumers, reason = batch_norm_consumers(network)
+    folds = {}
+    for site, _ in selection.chosen:
+        norm = consumers.get(id(site.module))
+        if norm is not None and can_fold(norm, site.channels):
+            folds[id(site.module)] = norm
+    return folds, reason
 
 
 def broken_folds(model: nn.Module) -> list[str]:
