@@ -25,3 +25,24 @@ def test_overhead_script_runs_and_measures_memory(tmp_path):
     assert composer_added >= 7 * activation  # Composer keeps each SE conv's output
     assert 0 < ours_added < activation  # ours, folded: per-(n, c) statistics only
     assert variants['ours']['flops_added'] == variants['composer']['flops_added'] > 0
+
+
+def test_fold_parity_script_compares_rounding_and_outcomes():
+    small = ['model.name=resnet20', 'data.synthetic_train_samples=64', 'data.synthetic_eval_samples=32',
+             'global_batch_size=32', 'eval_batch_size=32', 'max_duration=4ba']
+    result = subprocess.run([
+        sys.executable, str(ROOT / 'benchmarks' / 'fold_parity.py'), *small, '--steps', '0', '3', '--seeds', '3',
+        '--lr', '0.1'
+    ], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ': 7 SE blocks; one training batch of 32.' in result.stdout
+    rows = [line.strip('|').split('|') for line in result.stdout.splitlines() if line.startswith('| ')]
+    rounding = [[float(cell) for cell in row] for row in rows if len(row) == 8 and row[0].strip().isdigit()]
+    assert [row[0] for row in rounding] == [0, 3]
+    assert rounding[0][1] != rounding[1][1]  # it trained in between
+    for _, loss, *errors in rounding:
+        assert loss > 0 and all(0 <= error < 5e-2 for error in errors)
+        folded_se, unfolded_se, folded_other, unfolded_other = errors[2:]
+        assert folded_se <= 4 * unfolded_se + 1e-6 and folded_other <= 4 * unfolded_other + 1e-6
+    (outcome,) = [row for row in rows if len(row) == 4 and row[0].strip() == '0.1']
+    assert outcome[1].strip() == '3' and all(cell.strip().endswith('%') for cell in outcome[2:])
