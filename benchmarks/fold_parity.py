@@ -43,8 +43,8 @@ DEMO = ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml'
 
 
 def loss_and_gradients(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
-    """Training-mode loss and gradients by parameter name, on a copy (``network``'s running statistics stay)."""
-    network = copy.deepcopy(network).train()
+    """Training-mode loss and gradients by parameter name, on a copy in ``x``'s dtype (``network`` stays as it is)."""
+    network = copy.deepcopy(network).to(x.dtype).train()
     loss = F.cross_entropy(network(x), y)
     loss.backward()
     return loss.item(), {name: p.grad.double() for name, p in network.named_parameters()}
@@ -81,7 +81,7 @@ def rounding(recipe: str, overrides: list[str], steps: list[int]) -> None:
             trained = step
         folded = network_of(trainer.state.model)
         network_of(unfolded).load_state_dict(folded.state_dict())
-        reference_loss, reference = loss_and_gradients(copy.deepcopy(network_of(unfolded)).double(), x.double(), y)
+        reference_loss, reference = loss_and_gradients(network_of(unfolded), x.double(), y)
         se_names = [name for name in reference if '.se.' in f'.{name}']
         other_names = [name for name in reference if name not in se_names]
         results = [loss_and_gradients(network, x, y) for network in (folded, network_of(unfolded))]
