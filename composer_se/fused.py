@@ -85,15 +85,17 @@ def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.T
     """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), in ``x``'s dtype.
 
     For NCHW-contiguous ``x`` on CPU, one pass: eval-mode ``F.batch_norm`` on the
-    (1, N*C, H, W) view with zero mean and unit variance, whose kernel is a single fused
-    multiply-add (measured faster than a broadcast multiply-add there); otherwise a
-    multiply and an in-place add.
+    (1, N*C, H, W) view with zero mean, whose kernel is a single fused multiply-add
+    (measured faster than a broadcast multiply-add there); otherwise a multiply and an
+    in-place add. The statistics it is given are ``var = 0.5`` and ``eps = 0.5``: their sum
+    is exactly 1 in every floating-point type, so the normalisation is exactly the
+    identity, and ``eps`` stays positive (torch 2.11 refuses ``eps=0``).
     """
     n, c, h, w = x.shape
     scale, shift = scale.to(x.dtype), shift.to(x.dtype).expand(n, c)
     if x.device.type == 'cpu' and x.is_contiguous():
-        zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
-        out = F.batch_norm(x.view(1, n * c, h, w), zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
+        zeros, halves = x.new_zeros(n * c), x.new_full((n * c,), 0.5)
+        out = F.batch_norm(x.view(1, n * c, h, w), zeros, halves, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.5)
         return out.view(n, c, h, w)
     return (x * scale[:, :, None, None]).add_(shift[:, :, None, None])
 
