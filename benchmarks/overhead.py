@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from composer_se import apply_squeeze_excite  # noqa: E402
-from composer_se.models.cifar_resnet import cifar_resnet  # noqa: E402
+from composer_se.recipes.models.cifar_resnet import cifar_resnet  # noqa: E402
 
 VARIANTS = ('none', 'composer', 'ours')
 

@@ -1,17 +1,17 @@
-"""The :class:`SqueezeExcite` Composer algorithm: SE surgery at ``Event.INIT``."""
+"""The :class:`SqueezeExcite` Composer algorithm: SE surgery at ``Event.INIT``, and its checks."""
 
 from __future__ import annotations
 
 import logging
-import types
-from typing import Optional
+from typing import Any, Optional
 
-import composer.algorithms
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_se.checkpoints import guard_se_loading, note_saved_call
-from composer_se.surgery import Patterns, apply_squeeze_excite, broken_folds, network_of, validate_hyperparameters
+from composer_se.checkpoint_guard import CheckpointGuard, register_with_composer
+from composer_se.folding import broken_folds
+from composer_se.settings import SqueezeExciteSettings, settings_from
+from composer_se.surgery import apply_squeeze_excite, network_of
 
 __all__ = ['SqueezeExcite']
 
@@ -26,14 +26,17 @@ NORM_REPLACING_ALGORITHMS = ('GhostBatchNorm',)
 
 
 class SqueezeExcite(Algorithm):
-    """Adds Squeeze-and-Excitation blocks after qualifying ``Conv2d`` modules at ``Event.INIT``.
+    """Adds Squeeze-and-Excitation blocks to the model at ``Event.INIT``.
 
     A thin wrapper around :func:`~composer_se.surgery.apply_squeeze_excite`, which
-    documents every argument: a conv gets a block when its **output** channel count is
-    ``>= min_channels`` and its module name passes ``include`` / ``exclude``; the new
-    parameters join the optimizer param group of their conv's weight. Hyperparameters
-    are checked here, so a bad value fails when the algorithm is built, not when the
-    Trainer starts.
+    documents every argument. With ``placement='conv'`` a conv gets a block when its
+    **output** channel count is ``>= min_channels`` and its module name passes
+    ``include`` / ``exclude``; with ``placement='block'`` the last BatchNorm of each
+    qualifying residual branch gets one. The new parameters join the optimizer param
+    group of their conv's weight (the branch's last conv for ``'block'``). Hyperparameters
+    are checked here (they become a
+    :class:`~composer_se.settings.SqueezeExciteSettings`, :attr:`settings`), so a bad
+    value fails when the algorithm is built, not when the Trainer starts.
 
     Module names in ``include`` / ``exclude`` are those of the user's network: for a
     ``ComposerClassifier``, the module it wraps (``'layer3'``, not ``'module.layer3'``);
@@ -54,9 +57,12 @@ class SqueezeExcite(Algorithm):
     to add. Composer's own ``SqueezeExcite`` is never built in its place. A state dict
     whose SE blocks differ from the model's (saved without SE, or with other
     arguments) is refused by the Trainer's checkpoint loading before anything is
-    copied, with a :class:`~composer_se.checkpoints.CheckpointError` naming the first
+    copied, with a :class:`~composer_se.state_dicts.CheckpointError` naming the first
     differing layer and the two shapes (see
-    :func:`~composer_se.checkpoints.guard_se_loading`).
+    :class:`~composer_se.checkpoint_guard.CheckpointGuard`).
+
+    Its arguments, positional or by keyword, are the fields of
+    :class:`~composer_se.settings.SqueezeExciteSettings`, in this order:
 
     Args:
         latent_channels (int | float, optional): hidden width ``L`` of each block, or a
@@ -64,9 +70,9 @@ class SqueezeExcite(Algorithm):
         min_channels (int, optional): minimum ``out_channels`` of a conv that gets a
             block. Default: ``128``.
         include (str | Sequence[str], optional): module-name patterns; only convs in
-            matching modules get blocks. Default: ``None`` (all).
+            matching modules get blocks. Default: ``()`` (all).
         exclude (str | Sequence[str], optional): module-name patterns to leave out.
-            Default: ``None``.
+            Default: ``()``.
         init (str, optional): ``'default'`` or ``'identity'`` (output-preserving).
             Default: ``'default'``.
         placement (str, optional): ``'conv'`` (after each qualifying conv, as in
@@ -74,9 +80,11 @@ class SqueezeExcite(Algorithm):
             as in the paper's SE-ResNet). Default: ``'conv'``.
         fold_batchnorm (bool, optional): where a conv's output goes only to a
             BatchNorm, that BatchNorm applies the SE block in the same pass as its
-            normalisation: same result, no extra activation kept for backward, less
-            time (see :func:`~composer_se.surgery.apply_squeeze_excite`).
+            normalisation: same result, no extra activation kept for backward,
+            less time (see :func:`~composer_se.surgery.apply_squeeze_excite`).
             Default: ``True``.
+        settings (SqueezeExciteSettings, optional): all of the above at once, instead
+            of one by one. Default: ``None``.
 
     Example:
         >>> from composer_se import SqueezeExcite
@@ -84,36 +92,23 @@ class SqueezeExcite(Algorithm):
         composer_se.SqueezeExcite(latent_channels=64, min_channels=512, include=('layer3', 'layer4'), exclude=(), init='default', placement='conv', fold_batchnorm=True)
     """
 
-    def __init__(
-        self,
-        latent_channels: float = 64,
-        min_channels: int = 128,
-        include: Patterns = None,
-        exclude: Patterns = None,
-        init: str = 'default',
-        placement: str = 'conv',
-        fold_batchnorm: bool = True,
-    ):
-        (self.latent_channels, self.min_channels, self.include, self.exclude, self.init,
-         self.placement) = validate_hyperparameters(latent_channels, min_channels, include, exclude, init, placement)
-        if not isinstance(fold_batchnorm, bool):
-            raise ValueError(f'fold_batchnorm must be True or False, got {fold_batchnorm!r}')
-        self.fold_batchnorm = fold_batchnorm
+    def __init__(self, *args: Any, settings: Optional[SqueezeExciteSettings] = None, **kwargs: Any):
+        self.settings = settings_from(settings, *args, **kwargs)
+        self._guard: Optional[CheckpointGuard] = None
         self._recreated_from_checkpoint = False
 
-    def _call(self) -> str:
-        """The constructor call that rebuilds this algorithm."""
-        return (
-            f'SqueezeExcite(latent_channels={self.latent_channels!r}, min_channels={self.min_channels!r}, '
-            f'include={self.include!r}, exclude={self.exclude!r}, init={self.init!r}, placement={self.placement!r}, '
-            f'fold_batchnorm={self.fold_batchnorm!r})'
-        )
+    def __getattr__(self, name: str):
+        # The settings' fields read as the algorithm's own (algorithm.min_channels, ...).
+        settings = self.__dict__.get('settings')
+        if settings is not None and name in SqueezeExciteSettings.__dataclass_fields__:
+            return getattr(settings, name)
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
     def __repr__(self) -> str:
         # Qualified so that Composer's checkpoint loader, which evaluates this string
         # under ``composer.algorithms``, reaches this class and not its own
-        # SqueezeExcite (see ``_register_for_checkpoint_loading`` below).
-        return f'composer_se.{self._call()}'
+        # SqueezeExcite (see composer_se.checkpoint_guard.register_with_composer).
+        return f'composer_se.{self.settings.call()}'
 
     @staticmethod
     def required_on_load() -> bool:
@@ -123,25 +118,36 @@ class SqueezeExcite(Algorithm):
         return event in (Event.INIT, Event.FIT_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
-        if event in (Event.BEFORE_LOAD, Event.AFTER_LOAD):  # the Trainer loads checkpoints between the two
-            guard_se_loading(network_of(state.model), self._call(), enable=event == Event.BEFORE_LOAD)
-            return None
-        if event == Event.FIT_START:
-            broken = broken_folds(state.model)
-            if broken:
+        if event == Event.BEFORE_LOAD:  # the Trainer loads checkpoints between the two
+            if self._guard is None:
+                self._guard = CheckpointGuard(network_of(state.model), self.settings.call())
+            self._guard.enable()
+        elif event == Event.AFTER_LOAD:
+            if self._guard is not None:
+                self._guard.disable()
+        elif event == Event.FIT_START:
+            self._check_folds(state)
+        elif event == Event.INIT:
+            if self._recreated_from_checkpoint:
                 raise RuntimeError(
-                    f'The BatchNorms that apply the SE blocks of {", ".join(broken)} were replaced after SqueezeExcite '
-                    f'ran, so those blocks would be skipped. Run whatever replaces BatchNorms before SqueezeExcite, '
-                    f'or use SqueezeExcite(..., fold_batchnorm=False).',
+                    f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
+                    f'model has no SE blocks for the checkpoint\'s SE weights. Add the algorithm: '
+                    f'`from composer_se import SqueezeExcite` and '
+                    f'`Trainer(..., algorithms=[{self.settings.call()}])`.',
                 )
-            return None
-        if self._recreated_from_checkpoint:
+            self._apply_surgery(state, logger)
+        return None
+
+    def _check_folds(self, state: State) -> None:
+        broken = broken_folds(state.model)
+        if broken:
             raise RuntimeError(
-                f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
-                f'model has no SE blocks for the checkpoint\'s SE weights. Add the algorithm: '
-                f'`from composer_se import SqueezeExcite` and '
-                f'`Trainer(..., algorithms=[{self._call()}])`.',
+                f'The BatchNorms that apply the SE blocks of {", ".join(broken)} were replaced after SqueezeExcite '
+                f'ran, so those blocks would be skipped. Run whatever replaces BatchNorms before SqueezeExcite, '
+                f'or use SqueezeExcite(..., fold_batchnorm=False).',
             )
+
+    def _apply_surgery(self, state: State, logger: Logger) -> None:
         algorithms = list(state.algorithms)
         later = algorithms[algorithms.index(self) + 1:] if self in algorithms and self.placement == 'conv' else []
         replacing = CONV_REPLACING_ALGORITHMS + (NORM_REPLACING_ALGORITHMS if self.fold_batchnorm else ())
@@ -151,17 +157,7 @@ class SqueezeExcite(Algorithm):
                 f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
                 f'or BatchNorms with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
             )
-        report = apply_squeeze_excite(
-            network_of(state.model),
-            latent_channels=self.latent_channels,
-            min_channels=self.min_channels,
-            optimizers=state.optimizers,
-            include=self.include,
-            exclude=self.exclude,
-            init=self.init,
-            placement=self.placement,
-            fold_batchnorm=self.fold_batchnorm,
-        )
+        report = apply_squeeze_excite(network_of(state.model), optimizers=state.optimizers, settings=self.settings)
         log.info(
             f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '
             f'{type(state.model).__name__} with {self!r}.',
@@ -175,28 +171,7 @@ class SqueezeExcite(Algorithm):
 def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:
     algorithm = SqueezeExcite(**kwargs)
     algorithm._recreated_from_checkpoint = True
-    note_saved_call(algorithm._call())  # for the message if the Trainer's SE blocks differ from the checkpoint's
     return algorithm
 
 
-def _register_for_checkpoint_loading() -> None:
-    """Makes Composer's checkpoint loader resolve our algorithm to this class.
-
-    A Composer checkpoint lists its algorithms as ``(class __qualname__, {'repr': ...})``.
-    On load, for a name found in ``composer.algorithms`` whose class is
-    ``required_on_load``, Composer evaluates ``'algorithms.' + repr`` and, unless the
-    Trainer already has an algorithm of the resulting type, applies the result to the
-    model. Our class shares the name ``SqueezeExcite`` with Composer's, so with a plain
-    repr Composer would build and apply *its own* SqueezeExcite from our checkpoint.
-
-    Our repr is ``composer_se.SqueezeExcite(...)`` and this registers
-    ``composer.algorithms.composer_se.SqueezeExcite`` to build our class, flagged as
-    re-created: if the Trainer has our algorithm, Composer sees the type is present and
-    does nothing; if not, applying the re-created one raises an error telling the user
-    to add it. Without ``composer_se`` imported, the evaluation fails and Composer only
-    warns, naming ``composer_se.SqueezeExcite(...)``; it still never builds its own.
-    """
-    composer.algorithms.composer_se = types.SimpleNamespace(SqueezeExcite=_recreate_from_checkpoint)
-
-
-_register_for_checkpoint_loading()
+register_with_composer(_recreate_from_checkpoint)

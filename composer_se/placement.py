@@ -5,8 +5,9 @@
 timm's ``seresnet50``) considers one module per residual block: the last one of its
 residual branch, after which SE scales the branch before it is added to the shortcut.
 Which module that is depends on the block type; this module keeps a registry of them,
-with torchvision's ``BasicBlock`` and ``Bottleneck`` and composer_se's CIFAR
-``BasicBlock`` registered. Register your own with :func:`register_residual_block`.
+with torchvision's ``BasicBlock`` and ``Bottleneck`` registered here (the recipes' CIFAR
+``BasicBlock`` registers itself where it is defined). Register your own with
+:func:`register_residual_block`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 import torchvision
 from torch import nn
 
-__all__ = ['PLACEMENTS', 'Site', 'find_sites', 'register_residual_block', 'registered_blocks']
+from composer_se.settings import PLACEMENTS
 
-PLACEMENTS = ('conv', 'block')
+__all__ = ['Site', 'find_sites', 'register_residual_block', 'registered_blocks']
 
 _BRANCH_ENDS: dict[type, str] = {}
 

@@ -31,6 +31,7 @@ per image, the same crude measure; the percentages compare like with like.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -39,7 +40,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from composer_se.surgery import Patterns, fold_targets, network_of, select_sites, validate_hyperparameters
+from composer_se.folding import fold_targets
+from composer_se.settings import DEFAULTS, Patterns, SqueezeExciteSettings, settings_from
+from composer_se.surgery import network_of, select_sites
 
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
 
@@ -114,31 +117,34 @@ def _added_params(channels: int, hidden: int) -> int:
 def plan_squeeze_excite(
     model: nn.Module,
     input_size: tuple[int, int] = (224, 224),
-    latent_channels: float = 64,
-    min_channels: int = 128,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    placement: str = 'conv',
+    latent_channels: float = DEFAULTS.latent_channels,
+    min_channels: int = DEFAULTS.min_channels,
+    include: Patterns = DEFAULTS.include,
+    exclude: Patterns = DEFAULTS.exclude,
+    placement: str = DEFAULTS.placement,
     bytes_per_element: int = 4,
-    fold_batchnorm: bool = True,
+    fold_batchnorm: bool = DEFAULTS.fold_batchnorm,
+    *,
+    settings: Optional[SqueezeExciteSettings] = None,
 ) -> Plan:
     """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
 
     ``model`` is not changed: the planner works on a copy on the ``meta`` device. For a
     ``ComposerClassifier``, it plans the network inside, as the algorithm does. Its
     input is a batch of one 3-channel image of ``input_size`` (height, width).
-    ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16.
-    ``fold_batchnorm`` is :func:`~composer_se.surgery.apply_squeeze_excite`'s.
+    ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16. The SE
+    arguments are :func:`~composer_se.surgery.apply_squeeze_excite`'s, one by one or
+    as ``settings``.
     """
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(f'input_size must be (height, width) with both >= 1, got {input_size!r}')
     if bytes_per_element not in (1, 2, 4, 8):
         raise ValueError(f'bytes_per_element must be 1, 2, 4 or 8, got {bytes_per_element!r}')
-    latent_channels, min_channels, include, exclude, _, placement = validate_hyperparameters(
-        latent_channels, min_channels, include, exclude, placement=placement)
+    settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
+                             exclude=exclude, placement=placement, fold_batchnorm=fold_batchnorm)
     meta = _meta_copy(network_of(model)).eval()
-    selection = select_sites(meta, latent_channels, min_channels, include, exclude, placement=placement)
-    folds = fold_targets(meta, selection, fold_batchnorm and placement == 'conv')[0]
+    selection = select_sites(meta, settings)
+    folds = fold_targets(meta, [site.module for site, _ in selection.chosen] if settings.folds else [])[0]
     names = {id(module): name for name, module in meta.named_modules()}
 
     shapes: dict[nn.Module, torch.Size] = {}
@@ -187,7 +193,7 @@ def plan_squeeze_excite(
     # The same rules at each distinct width as min_channels (patterns and existing blocks included):
     # select once with no channel bound; each threshold keeps the sites at least that wide.
     widths = sorted({site.channels for site in selection.sites})
-    unbounded = select_sites(meta, latent_channels, 1, include, exclude, placement=placement).chosen
+    unbounded = select_sites(meta, dataclasses.replace(settings, min_channels=1)).chosen
     candidates = {}
     for threshold in widths:
         chosen = [(site, hidden) for site, hidden in unbounded if site.channels >= threshold]
@@ -202,12 +208,12 @@ def plan_squeeze_excite(
         largest_channels=widths[-1] if widths else 0,
         candidates=candidates,
         settings={
-            'latent_channels': latent_channels,
-            'min_channels': min_channels,
-            'include': list(include),
-            'exclude': list(exclude),
-            'placement': placement,
-            'fold_batchnorm': fold_batchnorm,
+            'latent_channels': settings.latent_channels,
+            'min_channels': settings.min_channels,
+            'include': list(settings.include),
+            'exclude': list(settings.exclude),
+            'placement': settings.placement,
+            'fold_batchnorm': settings.fold_batchnorm,
         },
     )
 

@@ -1,16 +1,24 @@
-"""Model surgery that adds Squeeze-and-Excitation after qualifying convolutions.
+"""Model surgery that adds Squeeze-and-Excitation blocks, in place.
 
-:func:`apply_squeeze_excite` is the functional API. It decides which convolutions get
-an SE block, turns each into a :class:`~composer_se.layers.SqueezeExciteConv2d` in
-place, registers the new parameters with the optimizers, and returns a
-:class:`SqueezeExciteReport` of what it added.
+:func:`apply_squeeze_excite` is the functional API, in four steps:
+
+1. **select** (:func:`select_sites`): the placement's candidate modules (convolutions,
+   or the ends of residual branches, :mod:`composer_se.placement`) that pass the
+   channel and name rules;
+2. **plan**: a :class:`PlannedBlock` for each, with its new SE block built, the
+   optimizer param groups it will join and the BatchNorm it will be folded into, if
+   any; nothing is changed yet, so any error leaves the model as it was;
+3. **commit**: each chosen module becomes a
+   :class:`~composer_se.layers.SqueezeExciteConv2d` or
+   :class:`~composer_se.layers.SqueezeExciteBatchNorm2d` in place, folded blocks are
+   handed to their BatchNorm, and the parameters join their groups; nothing here can
+   fail;
+4. **report**: a :class:`SqueezeExciteReport` of what was added and skipped.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -20,32 +28,21 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_se.graph import batch_norm_consumers
-from composer_se.layers import (
-    GATE_INITS,
-    FoldedSqueezeExciteBatchNorm2d,
-    SqueezeExcite2d,
-    SqueezeExciteBatchNorm2d,
-    SqueezeExciteConv2d,
-    can_fold,
-    fold_into_batch_norm_,
-)
-from composer_se.placement import PLACEMENTS, Site, find_sites
+from composer_se.folding import fold_into_batch_norm_, fold_targets
+from composer_se.layers import SqueezeExcite2d, SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
+from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
+from composer_se.placement import Site, find_sites
+from composer_se.settings import DEFAULTS, Patterns, SqueezeExciteSettings, settings_from
 
 __all__ = [
     'AddedBlock',
+    'PlannedBlock',
     'Selection',
     'SqueezeExciteReport',
     'apply_squeeze_excite',
-    'broken_folds',
-    'fold_targets',
     'network_of',
     'select_sites',
-    'resolve_latent_channels',
-    'validate_hyperparameters',
 ]
-
-Patterns = Union[str, Sequence[str], None]
 
 
 @dataclass(frozen=True)
@@ -93,85 +90,6 @@ class SqueezeExciteReport:
     @property
     def num_folded(self) -> int:
         return sum(block.folded_into is not None for block in self.added)
-
-
-def _is_real_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def resolve_latent_channels(latent_channels: float, out_channels: int) -> int:
-    """The hidden width ``L`` of the SE block after a conv with ``out_channels`` outputs.
-
-    A value ``>= 1`` is the width itself; a value in ``(0, 1)`` is a fraction of
-    ``out_channels``, rounded with Python's ``round`` (half to even) and at least 1.
-    Assumes ``latent_channels`` has passed :func:`validate_hyperparameters`.
-    """
-    if latent_channels >= 1:
-        return int(latent_channels)
-    return max(1, round(latent_channels * out_channels))
-
-
-def _validate_patterns(argument: str, patterns: Patterns) -> tuple[str, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(
-            f'{argument} must be None, a non-empty string or a list of non-empty strings (glob patterns '
-            f'on module names such as "layer3.*"), got {patterns!r}',
-        )
-    return tuple(patterns)
-
-
-def validate_hyperparameters(
-    latent_channels: float,
-    min_channels: int,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    init: str = 'default',
-    placement: str = 'conv',
-) -> tuple[float, int, tuple[str, ...], tuple[str, ...], str, str]:
-    """Checks the SE hyperparameters and returns them normalised.
-
-    Whole-number floats (``64.0``, as YAML may give them) become ints, pattern
-    arguments become tuples. Raises :class:`ValueError` naming the bad value and
-    what is allowed.
-    """
-    if not _is_real_number(latent_channels) or not math.isfinite(latent_channels) or latent_channels <= 0:
-        raise ValueError(
-            f'latent_channels must be an integer >= 1 (the hidden width) or a fraction in (0, 1) '
-            f'of each conv\'s output channels, got {latent_channels!r}',
-        )
-    if latent_channels >= 1:
-        if latent_channels != int(latent_channels):
-            raise ValueError(
-                f'latent_channels >= 1 must be a whole number (the hidden width); fractions must lie in (0, 1); '
-                f'got {latent_channels!r}',
-            )
-        latent_channels = int(latent_channels)
-    else:
-        latent_channels = float(latent_channels)  # a plain float, also for numpy scalars, so the repr rebuilds it
-    if (
-        not _is_real_number(min_channels) or not math.isfinite(min_channels) or min_channels < 1 or
-        min_channels != int(min_channels)
-    ):
-        raise ValueError(
-            f'min_channels must be a whole number >= 1 (SE goes after every Conv2d with at least this many '
-            f'output channels), got {min_channels!r}',
-        )
-    if not isinstance(init, str) or init not in GATE_INITS:
-        raise ValueError(f'init must be one of {GATE_INITS}, got {init!r}')
-    if not isinstance(placement, str) or placement not in PLACEMENTS:
-        raise ValueError(f'placement must be one of {PLACEMENTS}, got {placement!r}')
-    return (
-        latent_channels,
-        int(min_channels),
-        _validate_patterns('include', include),
-        _validate_patterns('exclude', exclude),
-        init,
-        placement,
-    )
 
 
 def _wrapper_types() -> dict[type, str]:
@@ -234,29 +152,6 @@ def _check_patterns_match(model: nn.Module, argument: str, patterns: Sequence[st
             )
 
 
-def _as_optimizers(optimizers: Union[Optimizer, Sequence[Optimizer], None]) -> tuple[Optimizer, ...]:
-    if optimizers is None:
-        return ()
-    if isinstance(optimizers, Optimizer):
-        return (optimizers,)
-    return tuple(optimizers)
-
-
-def _param_index(optimizers: Sequence[Optimizer]) -> dict[int, list[tuple[dict, str]]]:
-    """For each parameter held by ``optimizers`` (by ``id``): the groups holding it, each with its name there.
-
-    A group built from ``named_parameters()`` keeps ``'param_names'`` beside ``'params'``;
-    elsewhere the name is ``None``.
-    """
-    index: dict[int, list[tuple[dict, str]]] = {}
-    for opt in optimizers:
-        for group in opt.param_groups:
-            names = group.get('param_names', [None] * len(group['params']))
-            for param, name in zip(group['params'], names):
-                index.setdefault(id(param), []).append((group, name))
-    return index
-
-
 @dataclass
 class Selection:
     """The outcome of the placement, channel and name rules on a model, before any change."""
@@ -270,54 +165,60 @@ class Selection:
 _CONVERTIBLE = {nn.Conv2d: SqueezeExciteConv2d, nn.BatchNorm2d: SqueezeExciteBatchNorm2d}
 
 
-def select_sites(
-    model: nn.Module,
-    latent_channels: float = 64,
-    min_channels: int = 128,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    init: str = 'default',
-    placement: str = 'conv',
-) -> Selection:
-    """Applies the rules of :func:`apply_squeeze_excite` to ``model`` without changing it.
+def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -> Selection:
+    """Applies the placement, channel and name rules of ``settings`` to ``model`` without changing it.
 
-    Validates the arguments like :func:`apply_squeeze_excite` and raises the same errors.
+    Raises the errors :func:`apply_squeeze_excite` raises before it changes anything: a
+    wrapped model, a pattern that matches no module, ``placement='block'`` without a
+    registered residual block.
     """
-    latent_channels, min_channels, include, exclude, init, placement = validate_hyperparameters(
-        latent_channels, min_channels, include, exclude, init, placement)
     _check_not_wrapped(model)
-    _check_patterns_match(model, 'include', include)
-    _check_patterns_match(model, 'exclude', exclude)
-    sites = find_sites(model, placement)
+    _check_patterns_match(model, 'include', settings.include)
+    _check_patterns_match(model, 'exclude', settings.exclude)
+    sites = find_sites(model, settings.placement)
     selection = Selection(chosen=[], skipped=[], sites=sites, unsupported=[])
     for site in sites:
-        if site.channels < min_channels:
+        if site.channels < settings.min_channels:
             continue
-        if include and not _matches(site.names, include):
+        if settings.include and not _matches(site.names, settings.include):
             continue
-        if exclude and _matches(site.names, exclude):
+        if settings.exclude and _matches(site.names, settings.exclude):
             continue
         name, module = site.names[0], site.module
+        # Composer's own SqueezeExciteConv2d marks the conv it wraps with _already_squeeze_excited.
         if isinstance(module, tuple(_CONVERTIBLE.values())) or getattr(module, '_already_squeeze_excited', False):
             selection.skipped.append((name, 'already has an SE block'))
         elif type(module) not in _CONVERTIBLE:
             selection.skipped.append((name, f'is a {type(module).__name__}, not exactly a Conv2d or BatchNorm2d'))
             selection.unsupported.append(f'{name} ({type(module).__name__})')
         else:
-            selection.chosen.append((site, resolve_latent_channels(latent_channels, site.channels)))
+            selection.chosen.append((site, settings.hidden_width(site.channels)))
     return selection
+
+
+@dataclass(frozen=True)
+class PlannedBlock:
+    """One SE block that :func:`apply_squeeze_excite` will add, decided before anything changes."""
+
+    site: Site  #: the module it goes after
+    block: SqueezeExcite2d  #: the new block, built on the module's device and dtype
+    groups: tuple[GroupTarget, ...]  #: the optimizer param groups it joins, with its parameter-name prefix there
+    norm: Optional[nn.BatchNorm2d]  #: the BatchNorm it will be folded into, or None
+    added: AddedBlock  #: what the report says of it
 
 
 def apply_squeeze_excite(
     model: nn.Module,
-    latent_channels: float = 64,
-    min_channels: int = 128,
+    latent_channels: float = DEFAULTS.latent_channels,
+    min_channels: int = DEFAULTS.min_channels,
     optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    init: str = 'default',
-    placement: str = 'conv',
-    fold_batchnorm: bool = True,
+    include: Patterns = DEFAULTS.include,
+    exclude: Patterns = DEFAULTS.exclude,
+    init: str = DEFAULTS.init,
+    placement: str = DEFAULTS.placement,
+    fold_batchnorm: bool = DEFAULTS.fold_batchnorm,
+    *,
+    settings: Optional[SqueezeExciteSettings] = None,
 ) -> SqueezeExciteReport:
     """Adds Squeeze-and-Excitation blocks to ``model``, in place.
 
@@ -339,13 +240,15 @@ def apply_squeeze_excite(
     nothing where a block already is. Everything is checked and built before the model
     is touched: on error the model and the optimizers are as they were.
 
+    The SE arguments are those of
+    :class:`~composer_se.settings.SqueezeExciteSettings`, which documents each; pass
+    them one by one or as ``settings`` (not both).
+
     Args:
         model (torch.nn.Module): the model to modify; not wrapped in DDP, FSDP or
             ``torch.compile``.
-        latent_channels (int | float, optional): ``L``, the hidden width of each block.
-            An integer ``>= 1`` is the width; a float in ``(0, 1)`` is a fraction of the
-            channels the block scales, rounded (half to even), at least 1 (``1/16`` is
-            the paper's reduction ratio 16). Default: ``64``.
+        latent_channels (int | float, optional): ``L``, the hidden width of each block,
+            or a fraction in ``(0, 1)`` of the channels it scales. Default: ``64``.
         min_channels (int, optional): a module gets a block only if its output has at
             least this many channels. Default: ``128``.
         optimizers (Optimizer | Sequence[Optimizer], optional): optimizers already
@@ -359,9 +262,9 @@ def apply_squeeze_excite(
         include (str | Sequence[str], optional): fnmatch patterns on dotted module
             names; if given, a module qualifies only if its name or the name of a
             module containing it matches one (``'layer3'`` and ``'layer3.*'`` both
-            select everything in ``layer3``). Default: ``None`` (every module).
+            select everything in ``layer3``). Default: ``()`` (every module).
         exclude (str | Sequence[str], optional): patterns of the same kind; a module
-            whose name or container matches one is left alone. Default: ``None``.
+            whose name or container matches one is left alone. Default: ``()``.
             A pattern that matches no module name at all is an error (it is almost
             always a typo).
         init (str, optional): ``'default'`` (the paper's sigmoid gate) or
@@ -374,11 +277,13 @@ def apply_squeeze_excite(
             ``torch.fx`` trace), the BatchNorm applies the conv's SE block together
             with its normalisation, in one pass over the activation and without
             keeping a second copy of it for backward
-            (:class:`~composer_se.layers.FoldedSqueezeExciteBatchNorm2d`). The result
+            (:class:`~composer_se.folding.FoldedSqueezeExciteBatchNorm2d`). The result
             is the same up to rounding, parameter names and param groups do not change,
             but the conv module alone then returns its output *before* SE (hooks on it
             see that). ``False`` keeps every block inside its conv. A model that does
             not trace gets no folding; the report says why. Default: ``True``.
+        settings (SqueezeExciteSettings, optional): all of the above but
+            ``optimizers`` at once. Default: ``None``.
 
     Returns:
         SqueezeExciteReport: the blocks added (names, widths, parameter counts) and
@@ -410,39 +315,29 @@ def apply_squeeze_excite(
         >>> paper.names[:2]
         ['layer1.0.bn2', 'layer1.1.bn2']
     """
-    selection = select_sites(model, latent_channels, min_channels, include, exclude, init, placement)
-    if not isinstance(fold_batchnorm, bool):
-        raise ValueError(f'fold_batchnorm must be True or False, got {fold_batchnorm!r}')
-    folds, fold_unavailable = fold_targets(network_of(model), selection, fold_batchnorm and placement == 'conv')
-    module_names = {id(module): name for name, module in model.named_modules()}
-    optimizers = _as_optimizers(optimizers)
-    num_groups = sum(len(opt.param_groups) for opt in optimizers)
-    held = _param_index(optimizers)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
+    settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
+                            exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
+    selection = select_sites(model, settings)
+    plan, fold_unavailable = _plan(model, selection, settings, as_optimizers(optimizers))
+    for planned in plan:
+        _commit(planned)
+    return _report(plan, selection, settings, fold_unavailable)
 
-    # Plan: decide and build everything before touching the model.
-    planned: list[tuple[Site, SqueezeExcite2d, list[tuple[dict, str]], AddedBlock, Optional[nn.Module]]] = []
+
+def _plan(model: nn.Module, selection: Selection, settings: SqueezeExciteSettings,
+          optimizers: tuple[Optimizer, ...]) -> tuple[list[PlannedBlock], Optional[str]]:
+    """Decides and builds every block before the model is touched."""
+    chosen_convs = [site.module for site, _ in selection.chosen] if settings.folds else []
+    folds, fold_unavailable = fold_targets(network_of(model), chosen_convs)
+    module_names = {id(module): name for name, module in model.named_modules()}
+    index = param_index(optimizers)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    plan = []
     for site, width in selection.chosen:
         name = site.names[0]
-        se_prefix = f'{name}.se.' if name else 'se.'
-        anchor = parameters.get(site.anchor)
-        # Each target group, with the names the block's parameters take there: they
-        # follow the group's own name for the anchor weight ('module.0.weight' for
-        # '0.weight' gives 'module.0.se.fc1.weight', ...).
-        groups = []
-        for group, group_name in (held.get(id(anchor), []) if anchor is not None else []):
-            outer = group_name[:-len(site.anchor)] if group_name and group_name.endswith(site.anchor) else ''
-            groups.append((group, outer + se_prefix))
-        if optimizers and not groups:
-            if num_groups != 1:
-                raise ValueError(
-                    f'the weight {site.anchor!r} that decides the param group of the SE block at {name!r} is in '
-                    f'none of the {num_groups} optimizer param groups, so the group is ambiguous. Build the '
-                    f'optimizer after applying SE, or leave this module out with exclude=[{name!r}].',
-                )
-            groups = [(optimizers[0].param_groups[0], se_prefix)]
+        groups = groups_for(name, site.anchor, parameters.get(site.anchor), optimizers, index)
         reference = next(iter(site.module.parameters()), None)
-        block = SqueezeExcite2d(site.channels, width, init=init)
+        block = SqueezeExcite2d(site.channels, width, init=settings.init)
         if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(site.module.training)
@@ -455,69 +350,39 @@ def apply_squeeze_excite(
             num_params=sum(p.numel() for p in block.parameters()),
             folded_into=None if norm is None else module_names[id(norm)],
         )
-        planned.append((site, block, groups, added, norm))
+        plan.append(PlannedBlock(site, block, tuple(groups), norm, added))
+    return plan, fold_unavailable
 
-    # Commit: nothing below can fail.
-    for site, block, groups, _, norm in planned:
-        _CONVERTIBLE[type(site.module)].convert_(site.module, block)
-        if norm is not None:
-            fold_into_batch_norm_(site.module, norm)
-        for group, prefix in groups:
-            for param_name, param in block.named_parameters():
-                group['params'].append(param)
-                if 'param_names' in group:
-                    group['param_names'].append(prefix + param_name)
 
-    report = SqueezeExciteReport(
-        added=tuple(item[3] for item in planned),
-        skipped=tuple(selection.skipped),
-        fold_unavailable=fold_unavailable,
-    )
+def _commit(planned: PlannedBlock) -> None:
+    """Puts one planned block into the model and its param groups; cannot fail."""
+    module = planned.site.module
+    _CONVERTIBLE[type(module)].convert_(module, planned.block)
+    if planned.norm is not None:
+        fold_into_batch_norm_(module, planned.norm)
+    join(planned.block, planned.groups)
+
+
+def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExciteSettings,
+            fold_unavailable: Optional[str]) -> SqueezeExciteReport:
+    """The report, and the warnings for skipped subclasses and for no block added."""
     if selection.unsupported:
         warnings.warn(
             f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
             f'would drop: {", ".join(selection.unsupported)}',
             UserWarning,
         )
-    if not planned:
-        warnings.warn(NoEffectWarning(_no_effect_message(selection, min_channels, placement)))
-    return report
+    if not plan:
+        warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
+    return SqueezeExciteReport(
+        added=tuple(planned.added for planned in plan),
+        skipped=tuple(selection.skipped),
+        fold_unavailable=fold_unavailable,
+    )
 
 
-def fold_targets(network: nn.Module, selection: Selection,
-                 fold: bool = True) -> tuple[dict[int, nn.BatchNorm2d], Optional[str]]:
-    """For each chosen conv (by ``id``) whose block would be folded, its BatchNorm; and why none can be, if so.
-
-    ``fold`` is ``fold_batchnorm`` with ``placement='conv'``. A conv's output must go to a
-    BatchNorm alone (:func:`~composer_se.graph.batch_norm_consumers`) that
-    :func:`~composer_se.layers.can_fold` accepts.
-    """
-    if not (fold and selection.chosen):
-        return {}, None
-    consumers, reason = batch_norm_consumers(network)
-    folds = {}
-    for site, _ in selection.chosen:
-        norm = consumers.get(id(site.module))
-        if norm is not None and can_fold(norm, site.channels):
-            folds[id(site.module)] = norm
-    return folds, reason
-
-
-def broken_folds(model: nn.Module) -> list[str]:
-    """Names of the SE convs in ``model`` whose block was folded into a BatchNorm that is no longer in it.
-
-    Such a conv returns its output before SE and nothing applies the block: something
-    replaced the BatchNorm after :func:`apply_squeeze_excite` folded the block into it.
-    """
-    folded = {id(m._folded_se) for m in model.modules() if isinstance(m, FoldedSqueezeExciteBatchNorm2d)}
-    return [
-        name for name, m in model.named_modules()
-        if isinstance(m, SqueezeExciteConv2d) and m.folded_into_norm and id(m.se) not in folded
-    ]
-
-
-def _no_effect_message(selection: Selection, min_channels: int, placement: str) -> str:
-    what = 'torch.nn.Conv2d' if placement == 'conv' else 'residual branch'
+def _no_effect_message(selection: Selection, settings: SqueezeExciteSettings) -> str:
+    what = 'torch.nn.Conv2d' if settings.placement == 'conv' else 'residual branch'
     if not selection.sites:
         return f'SqueezeExcite added no block: the model has no {what}.'
     if selection.skipped:
@@ -525,6 +390,6 @@ def _no_effect_message(selection: Selection, min_channels: int, placement: str) 
         return f'SqueezeExcite added no block: the {len(skipped)} selected modules were skipped ({skipped[0][1]}, ...).'
     widest = max(site.channels for site in selection.sites)
     return (
-        f'SqueezeExcite added no block: no {what} passed the name patterns with at least min_channels={min_channels} '
-        f'output channels (the largest out_channels in the model is {widest}).'
+        f'SqueezeExcite added no block: no {what} passed the name patterns with at least '
+        f'min_channels={settings.min_channels} output channels (the largest out_channels in the model is {widest}).'
     )

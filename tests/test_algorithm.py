@@ -15,8 +15,8 @@ from composer.models import ComposerClassifier
 
 import composer_se
 from composer_se import SqueezeExcite, SqueezeExciteConv2d
-from tests.conftest import small_cnn
-from tests.test_surgery import no_decay_groups
+from tests.helpers import small_cnn
+from tests.helpers import no_decay_groups
 
 
 def make_state(optimizers=None) -> State:

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-from tests.recipes import ROOT
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_overhead_script_runs_and_measures_memory(tmp_path):

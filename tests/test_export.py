@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from composer_se import apply_squeeze_excite
-from tests.conftest import small_cnn
+from tests.helpers import small_cnn
 
 
 @pytest.fixture(scope='module', params=['conv', 'block'])

@@ -11,8 +11,9 @@ from composer.algorithms.squeeze_excite import apply_squeeze_excite as composer_
 from torch import nn
 
 from composer_se import apply_squeeze_excite
-from composer_se.fused import _SqueezeExciteBatchNorm
-from composer_se.layers import FoldedSqueezeExciteBatchNorm2d, SqueezeExcite2d, SqueezeExciteConv2d
+from composer_se.folding.function import _SqueezeExciteBatchNorm
+from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
+from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 
 
 def stack(channels: int = 8, depth: int = 3) -> nn.Sequential:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-import composer_se.fused as fused
-import composer_se.layers as layers
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_se(block: SqueezeExcite2d, u: torch.Tensor) -> torch.Tensor:
@@ -25,18 +25,21 @@ def reference_se(block: SqueezeExcite2d, u: torch.Tensor) -> torch.Tensor:
     return u * (block.gate_scale * s).reshape(n, c, 1, 1)
 
 
-def imports_of(module) -> set[str]:
-    tree = ast.parse(inspect.getsource(module))
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    return imported | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-
-
-def test_layers_module_imports_torch_only():
-    """layers.py and what it imports from this package need only torch (an exported model needs no Composer)."""
-    assert {name.split('.')[0] for name in imports_of(layers)} <= {'torch', '__future__', 'composer_se'}
-    ours = {name for name in imports_of(layers) if name.startswith('composer_se')}
-    assert ours == {'composer_se.fused'}
-    assert {name.split('.')[0] for name in imports_of(fused)} - set(sys.stdlib_module_names) == {'torch'}
+def test_the_layers_need_neither_composer_nor_torchvision(tmp_path):
+    """In a fresh interpreter: importing the SE modules, or unpickling an SE model, imports only torch."""
+    model = torch.nn.Sequential(SqueezeExciteConv2d(3, 8, 3, latent_channels=2), torch.nn.BatchNorm2d(8))
+    apply_fold = 'from composer_se.folding import fold_into_batch_norm_; '
+    check = ('import sys; heavy = sorted({m.split(".")[0] for m in sys.modules} & {"composer", "torchvision", "timm"}); '
+             'print(heavy)')
+    for code in (
+        'import composer_se.layers, composer_se.folding; ' + check,
+        f'import torch; {apply_fold}m = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False); '
+        'fold_into_batch_norm_(m[0], m[1]); m(torch.randn(2, 3, 8, 8)); ' + check,
+    ):
+        torch.save(model, tmp_path / 'model.pt')
+        result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == '[]', result.stdout
 
 
 @pytest.mark.parametrize('shape', [(1, 8, 1, 1), (1, 8, 5, 3), (4, 8, 16, 16), (2, 8, 33, 17)])

@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader
 
 from composer_se import (SqueezeExcite, SqueezeExcite2d, SqueezeExciteBatchNorm2d, apply_squeeze_excite,
                          register_residual_block)
-from composer_se.data import SyntheticImages
-from composer_se.models import cifar_resnet
+from composer_se.recipes.data import SyntheticImages
+from composer_se.recipes.models import cifar_resnet
 from composer_se import placement
 from composer_se.placement import registered_blocks
-from tests.conftest import small_cnn
-from tests.test_surgery import no_decay_groups
+from tests.helpers import small_cnn
+from tests.helpers import no_decay_groups
 
 
 def test_se_resnet50_matches_the_paper():

@@ -13,8 +13,8 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer_se import apply_squeeze_excite
-from composer_se.cli import main
-from composer_se.models import cifar_resnet
+from composer_se.recipes.cli import main
+from composer_se.recipes.models import cifar_resnet
 from composer_se.plan import format_plan, plan_squeeze_excite
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
 from composer_se import SqueezeExcite, SqueezeExciteConv2d, apply_squeeze_excite
-from composer_se.surgery import resolve_latent_channels
-from tests.conftest import small_cnn
+from composer_se.settings import resolve_latent_channels
+from tests.helpers import no_decay_groups, small_cnn
 
 
 def se_names(model: nn.Module) -> list[str]:
@@ -30,13 +30,6 @@ def assert_unchanged(model: nn.Module, before: tuple) -> None:
     assert types == before[0]
     assert state.keys() == before[1].keys()
     assert all(torch.equal(state[k], before[1][k]) for k in state)
-
-
-def no_decay_groups(model: nn.Module) -> list[dict]:
-    """The common recipe: weight decay on weights, none on norms and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{'params': decay, 'weight_decay': 5e-4}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
 # --- which convs -----------------------------------------------------------------------------------------------

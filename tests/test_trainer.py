@@ -13,28 +13,9 @@ from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_se import SqueezeExcite, SqueezeExciteConv2d
-from tests.conftest import learnable_data, small_cnn
-from tests.test_surgery import no_decay_groups
+from tests.helpers import learnable_data, make_trainer
 
 HPARAMS = dict(latent_channels=4, min_channels=16)
-
-
-def make_trainer(algorithms=(), groups=False, **kwargs) -> Trainer:
-    model = ComposerClassifier(small_cnn(), num_classes=4)
-    optimizer = torch.optim.SGD(no_decay_groups(model) if groups else model.parameters(), lr=0.05, momentum=0.9)
-    x, y = learnable_data()
-    kwargs.setdefault('max_duration', '2ep')
-    return Trainer(
-        model=model,
-        optimizers=optimizer,
-        train_dataloader=DataLoader(TensorDataset(x, y), batch_size=32),
-        algorithms=list(algorithms),
-        device='cpu',
-        seed=17,
-        progress_bar=False,
-        log_to_console=False,
-        **kwargs,
-    )
 
 
 def blocks(trainer: Trainer) -> tuple[list[str], list[str]]:
@@ -169,8 +150,8 @@ def float64_resnet20_run(fold_batchnorm: bool) -> tuple[dict[str, torch.Tensor],
     """
     from composer.optim import DecoupledSGDW
 
-    from composer_se.layers import FoldedSqueezeExciteBatchNorm2d
-    from composer_se.models.cifar_resnet import cifar_resnet
+    from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
+    from composer_se.recipes.models.cifar_resnet import cifar_resnet
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

@@ -9,9 +9,10 @@ import torchvision
 from composer.models import ComposerClassifier
 from torch import nn
 
-from composer_se.checkpoints import CheckpointError, read_checkpoint
-from composer_se.config import ModelConfig, RecipeError
-from composer_se.models.cifar_resnet import DEPTHS, BasicBlock, CIFARResNet, cifar_resnet
+from composer_se.recipes.config import ModelConfig, RecipeError
+from composer_se.recipes.models.cifar_resnet import DEPTHS, BasicBlock, CIFARResNet, cifar_resnet
+from composer_se.recipes.safe_load import read_checkpoint
+from composer_se.state_dicts import CheckpointError
 
 __all__ = ['BasicBlock', 'CIFARResNet', 'build_model', 'cifar_resnet', 'model_names']
 
@@ -25,8 +26,6 @@ def model_names() -> list[str]:
 
 def build_module(config: ModelConfig) -> nn.Module:
     """The bare ``nn.Module`` named by ``config``, with its weights loaded when ``config.weights`` is set."""
-    if config.num_classes < 2:
-        raise RecipeError(f'model.num_classes must be at least 2, got {config.num_classes}')
     if config.name in CIFAR_NAMES:
         module = cifar_resnet(CIFAR_NAMES[config.name], num_classes=config.num_classes)
     elif config.name in torchvision.models.list_models(module=torchvision.models):
@@ -46,7 +45,7 @@ def build_module(config: ModelConfig) -> nn.Module:
 def _load_weights(module: nn.Module, path: str) -> None:
     """Loads a state dict, or the model of a Composer checkpoint, from local file ``path`` into ``module``.
 
-    The file is read with ``weights_only=True`` (:func:`~composer_se.checkpoints.read_checkpoint`).
+    The file is read with ``weights_only=True`` (:func:`~composer_se.recipes.safe_load.read_checkpoint`).
     A Composer checkpoint's model is a ``ComposerClassifier``, whose keys start with
     ``module.``; that prefix is removed. This is how a model trained without SE starts
     an SE run: its weights are loaded here, before SE is added.

@@ -17,7 +17,7 @@ Both end with ``ToTensor`` and a per-channel normalisation. The pipeline is a
 Composer's RandAugment and AugMix insert their PIL transforms.
 
 Bad data stops the run with a message naming what to fix. Before training (a
-:class:`~composer_se.config.RecipeError`): a missing folder or split, a split without
+:class:`~composer_se.recipes.config.RecipeError`): a missing folder or split, a split without
 class folders or without images, more class folders than ``model.num_classes``, an
 evaluation split whose classes differ from the training split's, and CIFAR-10 with
 fewer than 10 classes. During training (a :class:`DataError`, raised in whichever
@@ -31,7 +31,6 @@ extension (``notes.txt``, ``.DS_Store``) are not samples: torchvision's
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,14 +42,11 @@ from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
-from composer_se.config import DataConfig, RecipeError
-from composer_se.data.synthetic import SyntheticImages
+from composer_se.recipes.config import AUGMENTATIONS, SOURCES, DataConfig, RecipeError
+from composer_se.recipes.data.synthetic import SyntheticImages
 
 __all__ = ['SOURCES', 'DataError', 'build_dataloader', 'build_dataset', 'build_transform', 'read_image']
 
-SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
-AUGMENTATIONS = ('cifar', 'imagenet')
-SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data.root (or data.local), not a path
 NORMALIZATION = {
     'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -202,8 +198,6 @@ def _limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
     """A fixed random subset of ``count`` samples; keeps torchvision datasets (and their transform) in place."""
     if count is None or count >= len(dataset):  # type: ignore[arg-type]
         return dataset
-    if count < 1:
-        raise RecipeError(f'data.max_train_samples / max_eval_samples must be at least 1, got {count}')
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()  # type: ignore
     if isinstance(dataset, datasets.ImageFolder):
         dataset.samples = [dataset.samples[i] for i in keep]
@@ -219,26 +213,11 @@ def _limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
 
 def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size: int, seed: int) -> Dataset:
     """The training or evaluation dataset of ``config``."""
-    if config.source not in SOURCES:
-        raise RecipeError(f'unknown data.source {config.source!r}; choose one of {", ".join(SOURCES)}')
-    if config.image_size < 1:
-        raise RecipeError(f'data.image_size must be at least 1, got {config.image_size}')
-    if config.augmentation not in AUGMENTATIONS:
-        raise RecipeError(f'unknown data.augmentation {config.augmentation!r}; choose one of '
-                          f'{", ".join(AUGMENTATIONS)}')
-    for key in ('train_split', 'eval_split'):
-        split = getattr(config, key)
-        if split is not None and not SPLIT_NAME.match(split):
-            raise RecipeError(f'data.{key} must be the name of a folder inside the data root (letters, digits, ".", '
-                              f'"_", "-"), got {split!r}')
     if config.source == 'streaming':
         return _streaming(config, train, build_transform(config.augmentation, config.image_size, train), batch_size,
                           seed, num_classes)
     if config.source == 'synthetic':
         samples = config.synthetic_train_samples if train else config.synthetic_eval_samples
-        if samples < 1:
-            split = 'train' if train else 'eval'
-            raise RecipeError(f'data.synthetic_{split}_samples must be at least 1, got {samples}')
         offset = 0 if train else config.synthetic_train_samples
         dataset: Dataset = SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
                                            offset=offset)
@@ -252,7 +231,7 @@ def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size:
 def build_dataloader(config: DataConfig, num_classes: int, train: bool, global_batch_size: int, seed: int) -> DataSpec:
     """A dataloader over this process's share of the data, for a global batch of ``global_batch_size``."""
     world_size = dist.get_world_size()
-    if global_batch_size < 1 or global_batch_size % world_size:
+    if global_batch_size % world_size:
         raise RecipeError(f'the global batch size {global_batch_size} must be a positive multiple of the number of '
                           f'processes ({world_size})')
     batch_size = global_batch_size // world_size

@@ -21,18 +21,11 @@ activations.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['affine', 'excite', 'squeeze_excite_batch_norm']
-
-
-def excite(squeezed: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-           b2: Optional[torch.Tensor], gate_scale: torch.Tensor) -> torch.Tensor:
-    """The SE gate ``gate_scale * sigmoid(W2 relu(W1 z + b1) + b2)`` for squeezed features ``z`` (N, C)."""
-    return torch.sigmoid(F.linear(F.relu(F.linear(squeezed, w1, b1)), w2, b2)) * gate_scale
+__all__ = ['affine', 'squeeze_excite_batch_norm']
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

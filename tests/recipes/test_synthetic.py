@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composer_se.data import SyntheticImages
+from composer_se.recipes.data import SyntheticImages
 
 
 def test_synthetic_images_are_deterministic_and_splits_differ():

@@ -1,7 +1,7 @@
 """Which convolutions feed a BatchNorm and nothing else, read from the model's traced graph.
 
 SE after such a conv can be folded into the BatchNorm (see
-:class:`~composer_se.layers.FoldedSqueezeExciteBatchNorm2d`). The module tree alone
+:class:`~composer_se.folding.FoldedSqueezeExciteBatchNorm2d`). The module tree alone
 cannot tell (registration order is not call order, and a conv's output may also go
 elsewhere), so this traces the model's forward with ``torch.fx`` and reads the data flow.
 """
@@ -9,11 +9,13 @@ elsewhere), so this traces the model's forward with ``torch.fx`` and reads the d
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import fx, nn
 
-__all__ = ['batch_norm_consumers']
+from composer_se.folding.modules import can_fold
+
+__all__ = ['batch_norm_consumers', 'fold_targets']
 
 
 class _LeafTracer(fx.Tracer):
@@ -51,3 +53,20 @@ def batch_norm_consumers(model: nn.Module) -> tuple[dict[int, nn.BatchNorm2d], O
         if isinstance(norm, nn.BatchNorm2d) and times_called[id(norm)] == 1:
             pairs[id(conv)] = norm
     return pairs, None
+
+
+def fold_targets(network: nn.Module, convs: Sequence[nn.Conv2d]) -> tuple[dict[int, nn.BatchNorm2d], Optional[str]]:
+    """For each of ``convs`` (by ``id``) whose SE block can be folded, its BatchNorm; and why none can be, if so.
+
+    A conv's output must go to a BatchNorm alone (:func:`batch_norm_consumers`) that
+    :func:`~composer_se.folding.can_fold` accepts.
+    """
+    if not convs:
+        return {}, None
+    consumers, reason = batch_norm_consumers(network)
+    folds = {}
+    for conv in convs:
+        norm = consumers.get(id(conv))
+        if norm is not None and can_fold(norm, conv.out_channels):
+            folds[id(conv)] = norm
+    return folds, reason

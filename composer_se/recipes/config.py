@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from composer.core import Time
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -40,11 +42,41 @@ class RecipeError(ValueError):
     """A recipe, an override or what they point at is wrong; the message says what and how to fix it."""
 
 
+#: Units of a training length, and of an interval (which may also be a fraction of the run, ``dur``).
+LENGTH_UNITS = ('ep', 'ba', 'sp', 'tok')
+INTERVAL_UNITS = LENGTH_UNITS + ('dur',)
+#: run_name is put into file and folder names ({run_name} in checkpoint.save_folder and loggers.file).
+PLAIN_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+
+
+def check_duration(key: str, value: str, units: tuple[str, ...] = INTERVAL_UNITS, allow_zero: bool = False,
+                   example: str = '4ep or 500ba') -> None:
+    """Checks that recipe key ``key`` holds a Composer duration (``'4ep'``) in ``units``, positive or zero."""
+    try:
+        duration = Time.from_timestring(value)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f'{key} must be a duration such as {example}, got {value!r}: {error}') from None
+    if duration.unit.value not in units:
+        raise RecipeError(f'{key} must be counted in {", ".join(units)} (such as {example}), got {value!r}')
+    if duration.value < 0 or (duration.value == 0 and not allow_zero):
+        raise RecipeError(f'{key} must be {"0 or more" if allow_zero else "positive"} (such as {example}), got '
+                          f'{value!r}')
+
+
+SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
+AUGMENTATIONS = ('cifar', 'imagenet')
+SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data.root (or data.local), not a path
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  #: resnet20 | resnet56 | resnet110 | a torchvision classification model (resnet50, ...)
     num_classes: int = 10
     weights: Optional[str] = None  #: a local state dict or Composer checkpoint, loaded before SE (never downloaded)
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise RecipeError(f'model.num_classes must be at least 2, got {self.num_classes}')
 
 
 @dataclass
@@ -65,6 +97,29 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = False
 
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise RecipeError(f'unknown data.source {self.source!r}; choose one of {", ".join(SOURCES)}')
+        if self.image_size < 1:
+            raise RecipeError(f'data.image_size must be at least 1, got {self.image_size}')
+        if self.augmentation not in AUGMENTATIONS:
+            raise RecipeError(f'unknown data.augmentation {self.augmentation!r}; choose one of '
+                              f'{", ".join(AUGMENTATIONS)}')
+        for key in ('train_split', 'eval_split'):
+            split = getattr(self, key)
+            if split is not None and not SPLIT_NAME.match(split):
+                raise RecipeError(f'data.{key} must be the name of a folder inside the data root (letters, digits, '
+                                  f'".", "_", "-"), got {split!r}')
+        for split in ('train', 'eval'):
+            if getattr(self, f'synthetic_{split}_samples') < 1:
+                raise RecipeError(f'data.synthetic_{split}_samples must be at least 1, got '
+                                  f'{getattr(self, f"synthetic_{split}_samples")}')
+        for count in (self.max_train_samples, self.max_eval_samples):
+            if count is not None and count < 1:
+                raise RecipeError(f'data.max_train_samples / max_eval_samples must be at least 1, got {count}')
+        if self.num_workers < 0:
+            raise RecipeError(f'data.num_workers must be >= 0, got {self.num_workers}')
+
 
 @dataclass
 class OptimizerConfig:
@@ -74,6 +129,14 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     no_decay_norm_and_bias: bool = False  #: put norms and biases in a group without weight decay
 
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise RecipeError(f'optimizer.lr must be positive, got {self.lr}')
+        if self.weight_decay < 0:
+            raise RecipeError(f'optimizer.weight_decay must be >= 0, got {self.weight_decay}')
+        if self.name in ('decoupled_sgdw', 'sgd') and not 0 <= self.momentum < 1:
+            raise RecipeError(f'optimizer.momentum must be in [0, 1), got {self.momentum}')
+
 
 @dataclass
 class SchedulerConfig:
@@ -82,6 +145,20 @@ class SchedulerConfig:
     milestones: list[str] = field(default_factory=list)  #: multistep_with_warmup
     gamma: float = 0.1  #: multistep_with_warmup
     alpha_f: float = 0.0  #: cosine_decay_with_warmup: final lr as a fraction of the peak
+
+    def validate(self) -> None:
+        check_duration('scheduler.t_warmup', self.t_warmup, allow_zero=True, example='5ep or 500ba')
+        for milestone in self.milestones:
+            check_duration('scheduler.milestones', milestone, example='5ep or 500ba')
+        if not self.gamma > 0:
+            raise RecipeError(f'scheduler.gamma must be positive (the factor applied to the lr at each milestone), '
+                              f'got {self.gamma}')
+        if not 0 <= self.alpha_f <= 1:
+            raise RecipeError(f'scheduler.alpha_f must be in [0, 1] (the final lr as a fraction of the peak), got '
+                              f'{self.alpha_f}')
+        if self.name == 'multistep_with_warmup' and not self.milestones:
+            raise RecipeError('scheduler.milestones must list at least one time (e.g. [80ep, 120ep]) for '
+                              'multistep_with_warmup')
 
 
 @dataclass
@@ -99,6 +176,15 @@ class CheckpointConfig:
     autoresume: bool = False  #: continue from the latest checkpoint in save_folder (needs run_name)
     load_path: Optional[str] = None
     load_weights_only: bool = False
+
+    def validate(self) -> None:
+        check_duration('checkpoint.save_interval', self.save_interval)
+        if self.save_num_checkpoints_to_keep < -1:
+            raise RecipeError(f'checkpoint.save_num_checkpoints_to_keep must be -1 (keep all), 0 or more, got '
+                              f'{self.save_num_checkpoints_to_keep}')
+        if self.load_path and '://' not in self.load_path and not os.path.isfile(self.load_path):
+            raise RecipeError(f'checkpoint.load_path {self.load_path} does not exist; it takes a checkpoint file that '
+                              f'a run saved (such as ckpt/ep3-ba1200-rank0.pt)')
 
 
 @dataclass
@@ -121,6 +207,33 @@ class RecipeConfig:
     device: Optional[str] = None  #: cpu | gpu; default: gpu when one is available
     device_train_microbatch_size: Optional[int] = None
     base: Optional[str] = None  #: another recipe this one starts from (a path relative to this file; files only)
+
+    def validate(self) -> None:
+        """Checks the top-level values, then each section's; the first bad value is a :class:`RecipeError`."""
+        if self.global_batch_size < 1:
+            raise RecipeError(f'global_batch_size must be at least 1, got {self.global_batch_size}')
+        if self.eval_batch_size < 1:
+            raise RecipeError(f'eval_batch_size must be at least 1, got {self.eval_batch_size}')
+        if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
+            raise RecipeError(f'device_train_microbatch_size must be at least 1 (or null for the whole batch), got '
+                              f'{self.device_train_microbatch_size}')
+        if not 0 <= self.seed < 2**32:
+            raise RecipeError(f'seed must be between 0 and 2**32 - 1, got {self.seed}')
+        check_duration('max_duration', self.max_duration, LENGTH_UNITS)
+        check_duration('eval_interval', self.eval_interval)
+        if self.precision not in (None, 'fp32', 'amp_fp16', 'amp_bf16'):
+            raise RecipeError(f'precision must be fp32, amp_fp16 or amp_bf16 (or null for the default), got '
+                              f'{self.precision!r}')
+        if self.device not in (None, 'cpu', 'gpu'):
+            raise RecipeError(f'device must be cpu or gpu (or null for the default), got {self.device!r}')
+        if self.run_name is not None and not PLAIN_NAME.match(self.run_name):
+            raise RecipeError(f'run_name must be a plain name of letters, digits, ".", "_" and "-" (it becomes part '
+                              f'of file names), got {self.run_name!r}')
+        if self.checkpoint.autoresume and not (self.run_name and self.checkpoint.save_folder):
+            raise RecipeError('checkpoint.autoresume needs run_name and checkpoint.save_folder, so that a relaunch '
+                              'finds the run\'s checkpoints')
+        for section in (self.model, self.data, self.optimizer, self.scheduler, self.checkpoint):
+            section.validate()
 
 
 def _schema_at(path: list[str]) -> Optional[type]:
@@ -204,7 +317,8 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     """Reads a recipe, applies its ``base`` chain and the ``key=value`` overrides, and checks it.
 
     Returns:
-        RecipeConfig: the typed, fully resolved config, as plain dataclasses.
+        RecipeConfig: the typed, fully resolved config, as plain dataclasses, with its
+        values checked (:meth:`RecipeConfig.validate`).
 
     Raises:
         RecipeError: with one message naming the key, the file or the override at fault.
@@ -243,4 +357,5 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     except OmegaConfBaseException as error:
         raise _translate(error, str(path)) from None
     assert isinstance(config, RecipeConfig)
+    config.validate()
     return config

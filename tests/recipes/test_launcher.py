@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from composer_se.train import main
-from tests.recipes import ROOT, SHRINK, write_mds
+from composer_se.recipes.train import main
+from tests.recipes.helpers import ROOT, SHRINK, write_mds
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 COMPOSER = str(Path(sys.executable).with_name('composer'))

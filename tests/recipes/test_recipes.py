@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from composer_se import SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
-from composer_se.builders import ALGORITHMS, build_algorithms
-from composer_se.config import RecipeConfig, load_recipe
-from composer_se.models import cifar_resnet
-from composer_se.train import build_trainer, main
-from tests.recipes import SHRINK, YAMLS, write_image_tree, write_mds
+from composer_se.recipes.builders import ALGORITHMS, build_algorithms
+from composer_se.recipes.config import RecipeConfig, load_recipe
+from composer_se.recipes.models import cifar_resnet
+from composer_se.recipes.train import build_trainer, main
+from tests.recipes.helpers import SHRINK, YAMLS, write_image_tree, write_mds
 
 SE_MODULES = (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d)
 SE_BLOCKS = {
@@ -236,7 +236,7 @@ def test_imagefolder_without_class_folders_is_named(tmp_path, capsys):
 def test_imagenet_transforms():
     from PIL import Image
 
-    from composer_se.data.loaders import build_transform
+    from composer_se.recipes.data.loaders import build_transform
     image = Image.new('RGB', (500, 375))
     assert build_transform('imagenet', 224, train=True)(image).shape == (3, 224, 224)
     evaluation = build_transform('imagenet', 224, train=False)
@@ -249,8 +249,8 @@ def test_imagenet_transforms():
 
 
 def test_streaming_shuffles_each_epoch(tmp_path):
-    from composer_se.config import DataConfig
-    from composer_se.data.loaders import build_dataloader
+    from composer_se.recipes.config import DataConfig
+    from composer_se.recipes.data.loaders import build_dataloader
     root = write_mds(tmp_path / 'mds', per_split=64)
     loader = build_dataloader(DataConfig(source='streaming', local=str(root), image_size=16), 2, True, 64, 0).dataloader
     first, second = (torch.cat([x.flatten(1)[:, 0] for x, _ in loader]) for _ in range(2))
@@ -258,8 +258,8 @@ def test_streaming_shuffles_each_epoch(tmp_path):
 
 
 def test_local_weights_load_and_a_mismatch_is_named(tmp_path, capsys):
-    from composer_se.config import ModelConfig
-    from composer_se.models import build_module
+    from composer_se.recipes.config import ModelConfig
+    from composer_se.recipes.models import build_module
     source = cifar_resnet(20)
     torch.save(source.state_dict(), tmp_path / 'weights.pt')
     loaded = build_module(ModelConfig(name='resnet20', weights=str(tmp_path / 'weights.pt')))

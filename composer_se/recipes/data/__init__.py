@@ -1,5 +1,5 @@
 """Datasets for composer_se's runs and tests."""
 
-from composer_se.data.synthetic import SyntheticImages
+from composer_se.recipes.data.synthetic import SyntheticImages
 
 __all__ = ['SyntheticImages']

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from typing import Any, Optional
 
 import torch
 from composer import algorithms as ca
-from composer.core import Algorithm, Time
+from composer.core import Algorithm
 from composer.loggers import FileLogger, LoggerDestination
 from composer.optim import (ComposerScheduler, ConstantScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
                             DecoupledSGDW, MultiStepWithWarmupScheduler)
 from torch import nn
 
 from composer_se.algorithm import SqueezeExcite
-from composer_se.config import LoggersConfig, OptimizerConfig, RecipeError, SchedulerConfig
+from composer_se.settings import SqueezeExciteSettings
+from composer_se.recipes.config import LoggersConfig, OptimizerConfig, RecipeError, SchedulerConfig
 
 __all__ = ['ALGORITHMS', 'build_algorithms', 'build_loggers', 'build_optimizer', 'build_scheduler']
 
@@ -62,12 +64,6 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
     (norm scales and shifts, biases) form a second group without weight decay."""
     if config.name not in OPTIMIZERS:
         raise _choice_error('optimizer.name', config.name, OPTIMIZERS)
-    if not config.lr > 0:
-        raise RecipeError(f'optimizer.lr must be positive, got {config.lr}')
-    if config.weight_decay < 0:
-        raise RecipeError(f'optimizer.weight_decay must be >= 0, got {config.weight_decay}')
-    if config.name in ('decoupled_sgdw', 'sgd') and not 0 <= config.momentum < 1:
-        raise RecipeError(f'optimizer.momentum must be in [0, 1), got {config.momentum}')
     params: Any = list(model.parameters())
     if config.no_decay_norm_and_bias:
         params = [
@@ -80,32 +76,10 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
     return OPTIMIZERS[config.name](params, **kwargs)
 
 
-def _duration(key: str, value: str, allow_zero: bool) -> None:
-    try:
-        duration = Time.from_timestring(value)
-    except (ValueError, TypeError) as error:
-        raise RecipeError(f'{key} must be a duration such as 5ep or 500ba, got {value!r}: {error}') from None
-    if duration.value < 0 or (duration.value == 0 and not allow_zero):
-        raise RecipeError(f'{key} must be {"0 or more" if allow_zero else "positive"} (such as 5ep or 500ba), got '
-                          f'{value!r}')
-
-
 def build_scheduler(config: SchedulerConfig) -> ComposerScheduler:
-    _duration('scheduler.t_warmup', config.t_warmup, allow_zero=True)
-    for milestone in config.milestones:
-        _duration('scheduler.milestones', milestone, allow_zero=False)
-    if not config.gamma > 0:
-        raise RecipeError(f'scheduler.gamma must be positive (the factor applied to the lr at each milestone), got '
-                          f'{config.gamma}')
-    if not 0 <= config.alpha_f <= 1:
-        raise RecipeError(f'scheduler.alpha_f must be in [0, 1] (the final lr as a fraction of the peak), got '
-                          f'{config.alpha_f}')
     if config.name == 'constant':
         return ConstantScheduler()
     if config.name == 'multistep_with_warmup':
-        if not config.milestones:
-            raise RecipeError('scheduler.milestones must list at least one time (e.g. [80ep, 120ep]) for '
-                              'multistep_with_warmup')
         return MultiStepWithWarmupScheduler(t_warmup=config.t_warmup, milestones=list(config.milestones),
                                             gamma=config.gamma)
     if config.name == 'cosine_decay_with_warmup':
@@ -117,7 +91,7 @@ def build_algorithms(config: dict[str, Optional[dict[str, Any]]]) -> list[Algori
     """One algorithm per entry of the recipe's ``algorithms`` section; ``null`` entries are left out.
 
     They keep the section's order, except that ``squeeze_excite`` goes last: it must run
-    after the algorithms that replace convolutions (BlurPool, Factorize).
+    after the algorithms that replace convolutions (of those a recipe can name, BlurPool).
     """
     built = []
     for name, kwargs in config.items():
@@ -126,7 +100,10 @@ def build_algorithms(config: dict[str, Optional[dict[str, Any]]]) -> list[Algori
         if name not in ALGORITHMS:
             raise _choice_error('algorithm', name, ALGORITHMS)
         cls = ALGORITHMS[name]
-        parameters = [p for p in inspect.signature(cls.__init__).parameters if p != 'self']
+        if cls is SqueezeExcite:
+            parameters = [field.name for field in dataclasses.fields(SqueezeExciteSettings)]
+        else:
+            parameters = [p for p in inspect.signature(cls.__init__).parameters if p != 'self']
         unknown = sorted(set(kwargs) - set(parameters))
         if unknown:
             raise RecipeError(f'algorithms.{name} has no argument(s) {", ".join(unknown)}; '

@@ -15,18 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from composer import Trainer
-from composer.models import ComposerClassifier
-from torch.utils.data import DataLoader, TensorDataset
 
-from composer_se import SqueezeExcite
-from composer_se.checkpoints import CheckpointError, ORPHANS_FOLDER, read_checkpoint
-from composer_se.config import DataConfig
-from composer_se.data.loaders import DataError, build_dataloader
-from composer_se.train import main
-from tests.conftest import learnable_data, small_cnn
-from tests.recipes import ROOT, SHRINK, write_image_tree, write_mds
-from tests.test_trainer import make_trainer
+from composer_se.recipes.resume import ORPHANS_FOLDER
+from composer_se.recipes.safe_load import read_checkpoint
+from composer_se.recipes.config import DataConfig
+from composer_se.recipes.data.loaders import DataError, build_dataloader
+from composer_se.recipes.train import main
+from tests.recipes.helpers import ROOT, SHRINK, write_image_tree, write_mds
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 #: resnet20 with SE (latent_channels=64, min_channels=64: 7 blocks), 8 batches an epoch, 2 epochs.
@@ -193,8 +188,8 @@ def test_a_plain_checkpoint_is_refused_as_load_path_and_starts_se_as_model_weigh
 
 
 def test_model_weights_take_a_composer_checkpoint_before_se_is_added(plain_checkpoint):
-    from composer_se.config import ModelConfig
-    from composer_se.models import build_module
+    from composer_se.recipes.config import ModelConfig
+    from composer_se.recipes.models import build_module
     module = build_module(ModelConfig(name='resnet20', weights=str(plain_checkpoint)))
     saved = read_checkpoint(plain_checkpoint)['state']['model']
     assert all(torch.equal(value, saved[f'module.{key}']) for key, value in module.state_dict().items())
@@ -219,35 +214,6 @@ def test_a_damaged_checkpoint_is_named(damage, reference, tmp_path):
     assert 'load an earlier checkpoint of the run instead, or delete this one' in line
     if damage == 'bytes-changed':
         assert 'checksum mismatch in ' in line
-
-
-def test_trainer_checkpoint_with_other_se_blocks_is_refused_and_the_model_is_untouched(tmp_path):
-    """The Trainer API: SqueezeExcite's guard refuses before anything is copied into the model."""
-    saved = make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], save_folder=str(tmp_path / 'se'),
-                         save_interval='1ep', max_duration='1ep')
-    saved.fit()
-    plain = make_trainer([], save_folder=str(tmp_path / 'plain'), save_interval='1ep', max_duration='1ep')
-    plain.fit()
-    cases = [
-        (8, 16, 'se', 'at layer 0, 0.se.fc1.weight is (4, 16) in the checkpoint and (8, 16) in the model'),
-        (4, 32, 'se', 'at layer 0, the checkpoint has an SE block there (0.se.fc1.weight (4, 16)) and the model has '
-         'none'),
-        (4, 16, 'plain', 'at layer 0, the model has an SE block there (0.se.fc1.weight (4, 16)) and the checkpoint '
-         'has none'),
-    ]
-    for latent, minimum, source, message in cases:
-        model = ComposerClassifier(small_cnn(), num_classes=4)
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(CheckpointError, match=re.escape(message)) as info:
-            Trainer(model=model, train_dataloader=DataLoader(TensorDataset(*learnable_data()), batch_size=32),
-                    max_duration='1ep', algorithms=[SqueezeExcite(latent_channels=latent, min_channels=minimum)],
-                    load_path=str(tmp_path / source / 'ep1-ba8-rank0.pt'), device='cpu', progress_bar=False)
-        after = model.state_dict()
-        assert all(torch.equal(after[k], v) for k, v in before.items())  # not half-loaded
-        if source == 'se':
-            assert 'The checkpoint was saved with SqueezeExcite(latent_channels=4, min_channels=16' in str(info.value)
-        else:
-            assert 'load its weights into the model before the Trainer adds SE' in str(info.value)
 
 
 # --- 3. bad data --------------------------------------------------------------------------------------------------

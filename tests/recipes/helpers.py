@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted((ROOT / 'yamls').glob('*.yaml'))
 
 #: Overrides that shrink any recipe to a few CPU batches of synthetic data.

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from fractions import Fraction
 from typing import Optional
 
 import torch
 
-from composer_se.config import ModelConfig, RecipeError, load_recipe
-from composer_se.placement import PLACEMENTS
 from composer_se.plan import FORMATS, format_plan, plan_squeeze_excite
+from composer_se.recipes.config import ModelConfig, RecipeError, load_recipe
+from composer_se.settings import DEFAULTS, PLACEMENTS, SqueezeExciteSettings
 
 __all__ = ['main']
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+#: The settings the command's flags can set (``init`` does not change a plan).
+PLANNED = ('latent_channels', 'min_channels', 'include', 'exclude', 'placement', 'fold_batchnorm')
 
 
 def _number(text: str) -> float:
@@ -43,11 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                       help='image height (and width); default: the recipe\'s data.image_size, else 224')
     plan.add_argument('--num-classes', type=int, help='classifier outputs (default: the recipe\'s, else 1000 for '
                       'torchvision models and 10 for CIFAR ResNets)')
-    plan.add_argument('--latent-channels', type=_number, help='hidden width, or a fraction such as 1/16 (default 64)')
-    plan.add_argument('--min-channels', type=int, help='minimum channels of a module that gets SE (default 128)')
+    plan.add_argument('--latent-channels', type=_number,
+                      help=f'hidden width, or a fraction such as 1/16 (default {DEFAULTS.latent_channels})')
+    plan.add_argument('--min-channels', type=int, help=f'minimum channels of a module that gets SE '
+                      f'(default {DEFAULTS.min_channels})')
     plan.add_argument('--include', nargs='+', metavar='PATTERN', help='module-name patterns to restrict SE to')
     plan.add_argument('--exclude', nargs='+', metavar='PATTERN', help='module-name patterns to leave out')
-    plan.add_argument('--placement', choices=PLACEMENTS, help="'conv' (default) or 'block' (the paper's)")
+    plan.add_argument('--placement', choices=PLACEMENTS, help=f"'conv' or 'block' (the paper's); default "
+                      f'{DEFAULTS.placement!r}')
     plan.add_argument('--no-fold', dest='fold_batchnorm', action='store_false', default=None,
                       help='plan with fold_batchnorm=False (every block inside its conv)')
     plan.add_argument('--dtype', choices=sorted(DTYPE_BYTES), default='float32', help='activation type for the '
@@ -57,13 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace) -> str:
-    from composer_se.models import CIFAR_NAMES, build_module
-    options = {'latent_channels': 64, 'min_channels': 128, 'include': None, 'exclude': None, 'placement': 'conv',
-               'fold_batchnorm': True}
+    from composer_se.recipes.models import CIFAR_NAMES, build_module
+    settings = DEFAULTS
     if args.model.endswith(('.yaml', '.yml')):
         recipe = load_recipe(args.model)
         model_config = recipe.model
-        options.update({k: v for k, v in (recipe.algorithms.get('squeeze_excite') or {}).items() if k in options})
+        settings = SqueezeExciteSettings(**(recipe.algorithms.get('squeeze_excite') or {}))
         size = recipe.data.image_size
     else:
         model_config = ModelConfig(name=args.model, num_classes=10 if args.model in CIFAR_NAMES else 1000)
@@ -71,9 +76,8 @@ def _plan(args: argparse.Namespace) -> str:
     if args.num_classes is not None:
         model_config.num_classes = args.num_classes
     model_config.weights = None  # shapes only: the planner never reads weights
-    for key in options:
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    flags = {key: getattr(args, key) for key in PLANNED if getattr(args, key) is not None}
+    settings = dataclasses.replace(settings, **flags)
     if args.input_size:
         if len(args.input_size) > 2:
             raise ValueError(f'--input-size takes a height and an optional width, got {args.input_size}')
@@ -82,7 +86,7 @@ def _plan(args: argparse.Namespace) -> str:
         height = width = size
     with torch.device('meta'):
         model = build_module(model_config)
-    plan = plan_squeeze_excite(model, (height, width), bytes_per_element=DTYPE_BYTES[args.dtype], **options)
+    plan = plan_squeeze_excite(model, (height, width), bytes_per_element=DTYPE_BYTES[args.dtype], settings=settings)
     return format_plan(plan, args.format)
 
 

@@ -1,0 +1,20 @@
+"""SE folded into the BatchNorm that follows its conv: one pass for SE and normalisation.
+
+- :mod:`~composer_se.folding.function`: the arithmetic, with its hand-written backward;
+- :mod:`~composer_se.folding.modules`: the folded BatchNorm and how a block is folded;
+- :mod:`~composer_se.folding.graph`: which convs feed a BatchNorm and nothing else.
+
+Like :mod:`composer_se.layers`, it imports only ``torch``.
+"""
+
+from composer_se.folding.graph import batch_norm_consumers, fold_targets
+from composer_se.folding.modules import FoldedSqueezeExciteBatchNorm2d, broken_folds, can_fold, fold_into_batch_norm_
+
+__all__ = [
+    'FoldedSqueezeExciteBatchNorm2d',
+    'batch_norm_consumers',
+    'broken_folds',
+    'can_fold',
+    'fold_into_batch_norm_',
+    'fold_targets',
+]

@@ -1,0 +1,60 @@
+"""Small, seeded models, data and Trainers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from composer import Trainer
+from composer.models import ComposerClassifier
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def small_cnn(num_classes: int = 4) -> nn.Sequential:
+    """Convs of 3->16, 16->32 and 32->8 output channels, in nested containers."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()),
+        nn.Conv2d(32, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
+def learnable_data(n: int = 256, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images with a 4-way label: label bit k shifts channel k by +-1."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    shift = torch.stack([y % 2, y // 2], dim=1).float() * 2 - 1  # (n, 2) in {-1, +1}
+    x = torch.randn(n, 3, size, size, generator=gen)
+    x[:, :2] += shift[:, :, None, None]
+    return x, y
+
+
+def no_decay_groups(model: nn.Module) -> list[dict]:
+    """The common recipe: weight decay on weights, none on norms and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{'params': decay, 'weight_decay': 5e-4}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def make_trainer(algorithms=(), groups=False, **kwargs) -> Trainer:
+    """A Trainer for ``small_cnn`` on ``learnable_data`` (batches of 32), on CPU, seed 17."""
+    model = ComposerClassifier(small_cnn(), num_classes=4)
+    optimizer = torch.optim.SGD(no_decay_groups(model) if groups else model.parameters(), lr=0.05, momentum=0.9)
+    x, y = learnable_data()
+    kwargs.setdefault('max_duration', '2ep')
+    return Trainer(
+        model=model,
+        optimizers=optimizer,
+        train_dataloader=DataLoader(TensorDataset(x, y), batch_size=32),
+        algorithms=list(algorithms),
+        device='cpu',
+        seed=17,
+        progress_bar=False,
+        log_to_console=False,
+        **kwargs,
+    )

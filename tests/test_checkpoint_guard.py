@@ -1,0 +1,62 @@
+"""The SqueezeExcite algorithm's checkpoint guard, through Composer's Trainer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from composer import Trainer
+from composer.models import ComposerClassifier
+from torch.utils.data import DataLoader, TensorDataset
+
+from composer_se import SqueezeExcite
+from composer_se.state_dicts import CheckpointError
+from tests.helpers import learnable_data, make_trainer, small_cnn
+
+
+def test_trainer_checkpoint_with_other_se_blocks_is_refused_and_the_model_is_untouched(tmp_path):
+    """The Trainer API: SqueezeExcite's guard refuses before anything is copied into the model."""
+    saved = make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], save_folder=str(tmp_path / 'se'),
+                         save_interval='1ep', max_duration='1ep')
+    saved.fit()
+    plain = make_trainer([], save_folder=str(tmp_path / 'plain'), save_interval='1ep', max_duration='1ep')
+    plain.fit()
+    cases = [
+        (8, 16, 'se', 'at layer 0, 0.se.fc1.weight is (4, 16) in the checkpoint and (8, 16) in the model'),
+        (4, 32, 'se', 'at layer 0, the checkpoint has an SE block there (0.se.fc1.weight (4, 16)) and the model has '
+         'none'),
+        (4, 16, 'plain', 'at layer 0, the model has an SE block there (0.se.fc1.weight (4, 16)) and the checkpoint '
+         'has none'),
+    ]
+    for latent, minimum, source, message in cases:
+        model = ComposerClassifier(small_cnn(), num_classes=4)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(CheckpointError, match=re.escape(message)) as info:
+            Trainer(model=model, train_dataloader=DataLoader(TensorDataset(*learnable_data()), batch_size=32),
+                    max_duration='1ep', algorithms=[SqueezeExcite(latent_channels=latent, min_channels=minimum)],
+                    load_path=str(tmp_path / source / 'ep1-ba8-rank0.pt'), device='cpu', progress_bar=False)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())  # not half-loaded
+        if source == 'se':
+            assert 'The checkpoint was saved with SqueezeExcite(latent_channels=4, min_channels=16' in str(info.value)
+        else:
+            assert 'load its weights into the model before the Trainer adds SE' in str(info.value)
+
+
+def test_a_checkpoint_saved_by_version_0_1_0_still_loads():
+    """``tests/data/se_small_cnn_v0.1.0.pt`` was saved by commit 647d801 (before the package was reorganised):
+    ``make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], groups=True)`` after one epoch."""
+    path = Path(__file__).parent / 'data' / 'se_small_cnn_v0.1.0.pt'
+    saved = torch.load(path, weights_only=False)
+    assert saved['state']['algorithms'][0][1]['repr'] == (
+        "composer_se.SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default', "
+        "placement='conv', fold_batchnorm=True)")
+    trainer = make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], groups=True, load_path=str(path))
+    assert int(trainer.state.timestamp.epoch) == 1
+    state = trainer.state.model.state_dict()
+    assert state.keys() == saved['state']['model'].keys()
+    assert all(torch.equal(state[key], value) for key, value in saved['state']['model'].items())
+    trainer.fit()  # and it trains on
+    assert int(trainer.state.timestamp.epoch) == 2
