@@ -78,3 +78,15 @@ def test_onnx_export_runs_in_onnxruntime(se_resnet, images, tmp_path):
     for x in (images, other):
         (y,) = session.run(None, {'x': x.numpy()})
         torch.testing.assert_close(torch.from_numpy(y), eager(se_resnet, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('fold_batchnorm', [True, False])
+def test_torchscript_scripts_unfolded_blocks_and_scripts_again(fold_batchnorm):
+    """A block left in its conv (no BatchNorm after it, or fold_batchnorm=False) scripts, and so does a second model."""
+    for _ in range(2):  # a failed script used to poison the class for every later scripting in the process
+        model = torchvision.models.vgg11_bn() if fold_batchnorm else torchvision.models.vgg11()
+        report = apply_squeeze_excite(model, latent_channels=8, min_channels=256, fold_batchnorm=fold_batchnorm)
+        assert report.num_blocks == 6 and report.num_folded == (6 if fold_batchnorm else 0)
+        model.eval()
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(torch.jit.script(model)(x), eager(model, x))

@@ -37,11 +37,12 @@ class SqueezeExciteConv2d(nn.Conv2d):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
+        self.folded_into_norm = False
 
     #: ``True`` once :func:`~composer_se.folding.fold_into_batch_norm_` has handed the
     #: block to the BatchNorm that this conv feeds: the conv then returns its plain
     #: output and that BatchNorm applies the block (except under TorchScript and
-    #: tracing, where the conv does).
+    #: tracing, where the conv does). Set on each instance too, where TorchScript looks.
     folded_into_norm = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -61,4 +62,6 @@ class SqueezeExciteConv2d(nn.Conv2d):
         may override ``forward``, which this would silently drop), and ``block`` must
         have ``conv.out_channels`` channels.
         """
-        return convert_(conv, nn.Conv2d, conv.out_channels, block, cls)
+        converted = convert_(conv, nn.Conv2d, conv.out_channels, block, cls)
+        converted.folded_into_norm = False
+        return converted
