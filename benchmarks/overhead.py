@@ -1,6 +1,7 @@
 """What SE costs: no SE, Composer's SqueezeExcite and ours, on the same convolutions.
 
     python benchmarks/overhead.py --model resnet50 --batch 8
+    python benchmarks/overhead.py --model resnet50 --batch 8 --placement block
     python benchmarks/overhead.py --model resnet56 --batch 64
     python benchmarks/overhead.py --model resnet56 --batch 64 --compile
     python benchmarks/overhead.py --model resnet50 --batch 8 --sweep --plot benchmarks/resnet50_overhead.png
@@ -22,12 +23,15 @@ Which convs: ``--rule composer`` (default for resnet50) takes the convs Composer
 ``apply_squeeze_excite`` picks, ``min(in, out) >= min_channels``; ``--rule out`` (default for
 resnet56) takes those with ``out >= min_channels``. Composer's SE goes on exactly those
 convs (its own ``SqueezeExciteConv2d``), ours through ``include=`` on their names.
+``--placement block`` compares the paper's place instead (one block at the end of every
+residual branch, reduction 16), written plainly (a separate SE module after the last
+BatchNorm, as timm's ``seresnet`` does) and ours (:func:`~composer_se.fused.batch_norm_squeeze_excite`).
+The variants are built in ``benchmarks/variants.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -37,15 +41,13 @@ from pathlib import Path
 
 import torch
 import torchvision
-from composer.algorithms.squeeze_excite.squeeze_excite import SqueezeExciteConv2d as ComposerSEConv2d
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from composer_se import apply_squeeze_excite  # noqa: E402
+from benchmarks.variants import (chosen_convs, saved_bytes, with_composer_se, with_our_block_se,  # noqa: E402
+                                 with_our_se, with_plain_block_se)
 from composer_se.recipes.models.cifar_resnet import cifar_resnet  # noqa: E402
-
-VARIANTS = ('none', 'composer', 'ours')
 
 
 def build(model_name: str) -> tuple[nn.Module, int]:
@@ -53,45 +55,6 @@ def build(model_name: str) -> tuple[nn.Module, int]:
     if model_name.startswith('resnet') and model_name[6:].isdigit() and int(model_name[6:]) in (20, 32, 44, 56, 110):
         return cifar_resnet(int(model_name[6:])), 32
     return torchvision.models.get_model(model_name), 224
-
-
-def chosen_convs(model: nn.Module, rule: str, min_channels: int) -> list[str]:
-    return [
-        name for name, m in model.named_modules() if type(m) is nn.Conv2d and
-        (min(m.in_channels, m.out_channels) if rule == 'composer' else m.out_channels) >= min_channels
-    ]
-
-
-def with_composer_se(model: nn.Module, names: list[str], latent: int) -> nn.Module:
-    """Composer's own SqueezeExciteConv2d wrapped around exactly ``names``."""
-    model = copy.deepcopy(model)
-    for name in names:
-        parent_name, _, child = name.rpartition('.')
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, ComposerSEConv2d.from_conv2d(getattr(parent, child), 0, latent_channels=latent))
-    return model
-
-
-def with_our_se(model: nn.Module, names: list[str], latent: int, fold: bool = True) -> nn.Module:
-    model = copy.deepcopy(model)
-    report = apply_squeeze_excite(model, latent_channels=latent, min_channels=1, include=names, fold_batchnorm=fold)
-    assert report.names == names, (report.names, names)
-    return model
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Bytes of the unique storages autograd saves for backward in one training forward: all, and non-parameter."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(x)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(storages.values()), sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -149,16 +112,20 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: 
 def run(args, min_channels: int) -> dict:
     torch.manual_seed(0)
     base, size = build(args.model)
-    names = chosen_convs(base, args.rule, min_channels)
-    models = {
-        'none': base,
-        'composer': with_composer_se(base, names, args.latent),
-        'ours': with_our_se(base, names, args.latent),
-    }
+    if args.placement == 'block':  # the paper's place: Composer has none, so the plain formulation stands in
+        models = {'none': base, 'plain': with_plain_block_se(base), 'ours': with_our_block_se(base)}
+        names = [name for name, m in models['ours'].named_modules() if name.endswith('.se')]
+    else:
+        names = chosen_convs(base, args.rule, min_channels)
+        models = {
+            'none': base,
+            'composer': with_composer_se(base, names, args.latent),
+            'ours': with_our_se(base, names, args.latent),
+        }
     x = torch.randn(args.batch, 3, size, size)
     base_params = sum(p.numel() for p in base.parameters())
     row = {'model': args.model, 'batch': args.batch, 'min_channels': min_channels, 'rule': args.rule,
-           'se_blocks': len(names), 'variants': {}}
+           'placement': args.placement, 'se_blocks': len(names), 'variants': {}}
     flops_x = x[:2] if args.device == 'cuda' else x
     for name, model in models.items():
         model.train()
@@ -196,8 +163,7 @@ def table(rows: list[dict], device: str) -> str:
     ]
     for row in rows:
         none = row['variants']['none']
-        for name in VARIANTS:
-            v = row['variants'][name]
+        for name, v in row['variants'].items():
             added = v['saved_bytes'] - none['saved_bytes']
             added_act = v['saved_activation_bytes'] - none['saved_activation_bytes']
             line = (f"| {row['model']} | {row['batch']} | {row['min_channels']} | {row['se_blocks']} | {name} | "
@@ -246,6 +212,8 @@ def main() -> None:
     parser.add_argument('--latent', type=int, default=64)
     parser.add_argument('--min-channels', type=int, default=None, help='default: 128 (resnet50 rule), 64 (resnet56)')
     parser.add_argument('--rule', choices=('composer', 'out'), default=None)
+    parser.add_argument('--placement', choices=('conv', 'block'), default='conv',
+                        help="'block': the paper's place (1/16, every residual block) written plainly and ours")
     parser.add_argument('--sweep', action='store_true', help='min_channels 64, 128, 256, 512, 1024, 2048')
     parser.add_argument('--rounds', type=int, default=21)
     parser.add_argument('--warmup', type=int, default=2)
@@ -266,9 +234,11 @@ def main() -> None:
     elif args.batch == 8 and not cifar:
         args.batch = 256
     settings = [64, 128, 256, 512, 1024, 2048] if args.sweep else [args.min_channels or (64 if cifar else 128)]
+    if args.placement == 'block':
+        settings = [1]
     rows = []
     for min_channels in settings:
-        if not chosen_convs(build(args.model)[0], args.rule, min_channels):
+        if args.placement == 'conv' and not chosen_convs(build(args.model)[0], args.rule, min_channels):
             print(f'# min_channels={min_channels}: no conv qualifies under rule {args.rule!r}; skipped')
             continue
         rows.append(run(args, min_channels))

@@ -48,3 +48,22 @@ def test_fold_parity_script_compares_rounding_and_outcomes():
         assert folded_se <= 4 * unfolded_se + 1e-6 and folded_other <= 4 * unfolded_other + 1e-6
     (outcome,) = [row for row in rows if len(row) == 4 and row[0].strip() == '0.1']
     assert outcome[1].strip() == '3' and all(cell.strip().endswith('%') for cell in outcome[2:])
+
+
+def test_gpu_suite_dry_run_runs_every_part(tmp_path):
+    """benchmarks/gpu_suite.py at toy size on CPU: every part runs and the outputs are written and readable."""
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_suite.py'), '--dry-run', '--out',
+                             str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / 'gpu_results.json').read_text())
+    assert results['failures'] == {}
+    for part in ('correctness', 'kernels', 'resnet50', 'compiled', 'resnet56'):
+        assert results[part], part
+    assert set(results['resnet50']) >= {'plain', 'composer min128', 'ours conv min512 folded',
+                                        'ours conv min128 unfolded', 'ours block (fused)',
+                                        'plain block (timm formulation)'}
+    checks = results['correctness']
+    assert checks['conv, float32 ours: output vs float64'] < 1e-4
+    assert checks['block, float32 ours: worst gradient vs float64'] < 1e-3
+    assert '| ours block (fused) |' in (tmp_path / 'gpu_results.md').read_text()
+    assert (tmp_path / 'gpu_profile.txt').read_text().count('## ') == 3

@@ -11,7 +11,7 @@ from composer.algorithms.squeeze_excite import apply_squeeze_excite as composer_
 from torch import nn
 
 from composer_se import apply_squeeze_excite
-from composer_se.folding.function import _SqueezeExciteBatchNorm
+from composer_se.fused.function import _SqueezeExciteBatchNorm
 from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 

@@ -1,7 +1,7 @@
 """SE folded into the BatchNorm that follows its conv: one pass for SE and normalisation.
 
-- :mod:`~composer_se.folding.function`: the arithmetic, with its hand-written backward;
-- :mod:`~composer_se.folding.modules`: the folded BatchNorm and how a block is folded;
+- :mod:`~composer_se.folding.modules`: the folded BatchNorm and how a block is folded
+  (its arithmetic is :func:`composer_se.fused.squeeze_excite_batch_norm`);
 - :mod:`~composer_se.folding.graph`: which convs feed a BatchNorm and nothing else.
 
 Like :mod:`composer_se.layers`, it imports only ``torch``.

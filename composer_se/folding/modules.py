@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from composer_se.folding.function import affine, squeeze_excite_batch_norm
+from composer_se.fused import affine, squeeze_excite_batch_norm
 from composer_se.layers import SqueezeExciteConv2d
 from composer_se.layers.norm import ScriptableBatchNorm2d
 
@@ -20,8 +20,8 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
 
     - training (batch statistics): one read of ``u`` for its per-(n, c) mean and
       variance, then one affine pass, with the backward pass of
-      :mod:`composer_se.folding.function`; autograd keeps ``u`` for backward, as the
-      plain BatchNorm does, and nothing of SE's size;
+      :func:`~composer_se.fused.squeeze_excite_batch_norm`; autograd keeps ``u`` for
+      backward, as the plain BatchNorm does, and nothing of SE's size;
     - eval (running statistics): ``u * (s * gamma / sigma) + shift``, one mean and
       one affine pass;
     - under ``torch.compile``: ``norm(se(u))`` written plainly, which the compiler fuses;
@@ -46,8 +46,9 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
         if torch.compiler.is_compiling():
             return self._normalise(se(input))
         self._check_input_dim(input)
-        if self.training:
-            return squeeze_excite_batch_norm(input, se, self)
+        momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
+        if use_batch_stats:
+            return squeeze_excite_batch_norm(input, se, self, momentum, running_mean, running_var)
         inv_std = self.weight * torch.rsqrt(self.running_var + self.eps)
         scale = se.gate(input.mean((2, 3), dtype=inv_std.dtype).to(se.fc1.weight.dtype)) * inv_std
         return affine(input, scale, self.bias - self.running_mean * inv_std)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer_se.fused import affine, batch_norm_squeeze_excite
 from composer_se.layers.block import SqueezeExcite2d, convert_
 
 __all__ = ['ScriptableBatchNorm2d', 'SqueezeExciteBatchNorm2d']
@@ -14,9 +17,14 @@ __all__ = ['ScriptableBatchNorm2d', 'SqueezeExciteBatchNorm2d']
 class ScriptableBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` whose normalisation is a method that TorchScript can compile."""
 
-    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
-        """Exactly ``BatchNorm2d.forward``: training and eval, ``momentum=None``, ``track_running_stats``."""
-        self._check_input_dim(input)
+    def _batch_norm_arguments(self) -> tuple[float, bool, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What ``BatchNorm2d.forward`` gives ``F.batch_norm``, and its count of the batch.
+
+        Returns the momentum (``momentum=None``: the cumulative average), whether batch
+        statistics normalise, and the running mean and variance to update (training) or
+        to normalise with (eval), or ``None``. Counts the batch in ``num_batches_tracked``
+        as ``BatchNorm2d`` does.
+        """
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -24,16 +32,15 @@ class ScriptableBatchNorm2d(nn.BatchNorm2d):
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_stats = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if keep_stats else None,
-            self.running_var if keep_stats else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-        )
+        return (momentum, use_batch_stats, self.running_mean if keep_stats else None,
+                self.running_var if keep_stats else None)
+
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
+        """Exactly ``BatchNorm2d.forward``: training and eval, ``momentum=None``, ``track_running_stats``."""
+        self._check_input_dim(input)
+        momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+                            self.eps)
 
 
 class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
@@ -45,8 +52,15 @@ class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
     ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_batches_tracked``
     keep their names and the block is the submodule ``se``. The normalisation follows
     ``BatchNorm2d`` exactly (training and eval, ``momentum=None``,
-    ``track_running_stats``); it is written out with ``F.batch_norm`` so that the module
-    stays scriptable.
+    ``track_running_stats``).
+
+    In eager mode, normalisation and SE are one affine map per (n, c) of the input
+    (:func:`~composer_se.fused.batch_norm_squeeze_excite`): one pass for the statistics,
+    one for the output, the same passes as ``BatchNorm2d`` alone, and nothing of the
+    normalised map is kept for backward (the backward pass recomputes it from the input,
+    which BatchNorm keeps anyway). Under ``torch.compile``, TorchScript and tracing it is
+    ``se(batch_norm(input))`` in plain operations (``F.batch_norm``, which keeps the
+    module scriptable), which the compiler fuses.
 
     Args:
         num_features (int): ``C``, as for ``BatchNorm2d``.
@@ -62,7 +76,26 @@ class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
                                                                                dtype=kwargs.get('dtype'))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.se(self._normalise(input))
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self.se(self._normalise(input))
+        return self._fused(input)
+
+    @torch.jit.unused
+    def _fused(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.se(self._normalise(input))
+        self._check_input_dim(input)
+        momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
+        if use_batch_stats:
+            return batch_norm_squeeze_excite(input, self, self.se, momentum, running_mean, running_var)
+        # Running statistics: bn(u) = k u + shift per channel, squeezed to k mean_hw(u) + shift.
+        k = torch.rsqrt(running_var + self.eps)
+        shift = -running_mean * k
+        if self.weight is not None:
+            k = k * self.weight
+            shift = self.bias + shift * self.weight
+        s = self.se.gate((input.mean((2, 3), dtype=k.dtype) * k + shift).to(self.se.fc1.weight.dtype))
+        return affine(input, s * k, s * shift)
 
     @classmethod
     def convert_(cls, norm: nn.BatchNorm2d, block: SqueezeExcite2d) -> 'SqueezeExciteBatchNorm2d':

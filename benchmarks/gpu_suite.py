@@ -1,0 +1,555 @@
+"""One command on a machine with one CUDA GPU: is SE right there, and what does it cost?
+
+    python benchmarks/gpu_suite.py --out DIR            # about 5 minutes on one H100
+    python benchmarks/gpu_suite.py --out DIR --dry-run  # every part at toy size, on CPU
+
+Parts, in this order (each in its own ``try``: a failure is recorded and the rest runs):
+
+1. **correctness**: on a small model in float32, the folded model against the unfolded
+   one, and the fused block end against SE written after the BatchNorm, outputs and
+   gradients; the kernels against float64 on a large bf16 channels_last activation;
+2. **kernels**: SE + BatchNorm (folded) and BatchNorm + SE (block end) against
+   ``F.batch_norm`` alone on one ResNet-50 activation, forward and forward + backward,
+   with the bytes each must move and the bandwidth reached;
+3. **resnet50**: torchvision ResNet-50, batch 256, bf16 autocast, channels_last:
+   training and inference images/s and ``torch.cuda.max_memory_allocated`` for no SE,
+   Composer's ``SqueezeExcite`` (its rule, ``min(in, out) >= 128``), ours after convs at
+   ``min_channels`` 512 and 128 (folded and not), ours at the paper's place (the fused
+   block end) and the paper's place written plainly (timm's formulation); and timm's own
+   ``resnet50`` and ``seresnet50`` where timm imports;
+4. **compiled**: no SE, ours at ``min_channels=512`` and ours at the paper's place under
+   ``torch.compile``, training;
+5. **resnet56**: the CIFAR ResNet-56 at batch 1024, 32x32, a training step: no SE, the
+   recipe's SE (``latent_channels=64, min_channels=64``) and the paper's place;
+6. **profile**: ``torch.profiler`` over two training steps of ours at ``min_channels=128``
+   and at the paper's place, and of no SE: the kernels that take the time.
+
+Timing: every variant of a part lives on the GPU at once; rounds visit them in turn
+(in a rotated order), each timing a few steps between CUDA events after warm-up; a
+figure is the median over rounds. Memory is measured on its own, one variant on the GPU
+at a time. Writes ``DIR/gpu_results.json``, ``DIR/gpu_results.md``,
+``DIR/gpu_throughput.png`` and ``DIR/gpu_profile.txt``, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.variants import (chosen_convs, with_composer_se, with_our_block_se, with_our_se,  # noqa: E402
+                                 with_plain_block_se)
+from composer_se import apply_squeeze_excite  # noqa: E402
+from composer_se.fused import batch_norm_squeeze_excite, squeeze_excite_batch_norm  # noqa: E402
+from composer_se.layers import SqueezeExcite2d  # noqa: E402
+from composer_se.recipes.models.cifar_resnet import cifar_resnet  # noqa: E402
+
+#: training images/s against no SE, eager, bf16, channels_last (the targets this suite checks)
+TARGETS = {
+    'ours conv min512 folded': 0.98,
+    'ours conv min128 folded': 0.95,
+    'ours block (fused)': 0.95,
+    'compiled: ours block (fused)': 0.93,
+}
+
+
+@dataclass
+class Sizes:
+    """How big each part runs: the real sizes on a GPU, toy sizes on CPU for ``--dry-run``."""
+
+    device: str
+    batch: int = 256
+    image: int = 224
+    cifar_batch: int = 1024
+    warmup: int = 5
+    rounds: int = 7
+    steps: int = 5
+    kernel_shape: tuple = (256, 256, 56, 56)
+    resnet50: Callable[[], nn.Module] = torchvision.models.resnet50
+    cifar_depth: int = 56
+    compile_model: Callable[[], nn.Module] = torchvision.models.resnet50
+
+    @classmethod
+    def dry_run(cls) -> 'Sizes':
+        def tiny_resnet():  # ResNet-50's structure (Bottlenecks up to 2048 channels), one narrow block a stage
+            return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
+                                                    width_per_group=8)
+
+        def tiny_block():
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), torchvision.models.resnet.BasicBlock(8, 8),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        return cls('cpu', batch=2, image=32, cifar_batch=8, warmup=1, rounds=2, steps=1, kernel_shape=(4, 16, 8, 8),
+                   resnet50=tiny_resnet, cifar_depth=20, compile_model=tiny_block)
+
+
+def sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Seconds between two points of the device's stream (CUDA events on a GPU)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == 'cuda':
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == 'cuda':
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+class Bench:
+    """Trains and evaluates variants of one model on one batch, in bf16 autocast and channels_last."""
+
+    def __init__(self, sizes: Sizes, batch: int, image: int, classes: int = 1000):
+        self.sizes, self.device = sizes, sizes.device
+        self.x = torch.randn(batch, 3, image, image, device=self.device).to(memory_format=torch.channels_last)
+        self.y = torch.randint(0, classes, (batch,), device=self.device)
+
+    def prepare(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.device).to(memory_format=torch.channels_last).train()
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(self.x).float(), self.y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer_step(self, model: nn.Module) -> None:
+        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16):
+            model(self.x)
+
+    def peak_memory(self, model: nn.Module) -> int:
+        """``max_memory_allocated`` over three training steps with only this model on the GPU (0 on CPU)."""
+        if self.device != 'cuda':
+            return 0
+        model = copy.deepcopy(model)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, optimizer = self.prepare(model)
+        for _ in range(3):
+            self.train_step(model, optimizer)
+        sync(self.device)
+        peak = torch.cuda.max_memory_allocated()
+        del model, optimizer
+        torch.cuda.empty_cache()
+        return peak
+
+    def throughput(self, models: dict[str, nn.Module], infer: bool = True, warmup: int = None) -> dict:
+        """Median images/s per variant, training and inference, over interleaved rounds."""
+        sizes = self.sizes
+        prepared = {name: self.prepare(model) for name, model in models.items()}
+        for name, (model, optimizer) in prepared.items():
+            for _ in range(sizes.warmup if warmup is None else warmup):
+                self.train_step(model, optimizer)
+            if infer:
+                model.eval()
+                self.infer_step(model)
+                model.train()
+        sync(self.device)
+        times = {name: {'train': [], 'infer': []} for name in prepared}
+        names = list(prepared)
+        for round_index in range(sizes.rounds):
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
+            for name in order:
+                model, optimizer = prepared[name]
+                with Timer(self.device) as timer:
+                    for _ in range(sizes.steps):
+                        self.train_step(model, optimizer)
+                times[name]['train'].append(timer.seconds / sizes.steps)
+                if infer:
+                    model.eval()
+                    with Timer(self.device) as timer:
+                        for _ in range(sizes.steps):
+                            self.infer_step(model)
+                    model.train()
+                    times[name]['infer'].append(timer.seconds / sizes.steps)
+        batch = self.x.shape[0]
+        return {
+            name: {kind: batch / statistics.median(values) for kind, values in kinds.items() if values}
+            for name, kinds in times.items()
+        }
+
+
+def part_correctness(sizes: Sizes) -> dict:
+    """Ours and SE in plain operations, each in float32 against float64; kernels against float64."""
+    device = sizes.device
+    torch.manual_seed(0)
+    checks = {}
+    base = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(8, 3, 64, 64, device=device)
+    weights = torch.randn(8, 10, device=device)
+
+    def run(model, inputs):
+        out = model(inputs)
+        (out * weights.to(out.dtype)).sum().backward()
+        return out.detach(), [p.grad for p in model.parameters()]
+
+    for placement, kwargs in (('conv', {'latent_channels': 16, 'min_channels': 64}),
+                              ('block', {'latent_channels': 1 / 16, 'min_channels': 1, 'placement': 'block'})):
+        ours = copy.deepcopy(base)
+        report = apply_squeeze_excite(ours, **kwargs)
+        ours.to(device)
+        # SE in plain operations (TorchScript runs SE in the conv, or after the BatchNorm, with
+        # torch's own batch_norm), with the same weights, in float32 and in float64.
+        plain = torch.jit.script(copy.deepcopy(ours))
+        exact = torch.jit.script(copy.deepcopy(ours).double())
+        out, grads = run(ours, x)
+        plain_out, plain_grads = run(plain, x)
+        exact_out, exact_grads = run(exact, x.double())
+        checks[f'{placement}: blocks (folded)'] = f'{report.num_blocks} ({report.num_folded})'
+        for label, (o, g) in (('ours', (out, grads)), ('plain SE', (plain_out, plain_grads))):
+            checks[f'{placement}, float32 {label}: output vs float64'] = relative_error(o, exact_out)
+            checks[f'{placement}, float32 {label}: worst gradient vs float64'] = max(
+                relative_error(a, b) for a, b in zip(g, exact_grads))
+        with torch.no_grad():
+            ours.eval(), exact.eval()
+            checks[f'{placement}, float32 ours: eval output vs float64'] = relative_error(ours(x), exact(x.double()))
+    # The fused functions on a large bf16 channels_last activation, against float64.
+    u = (torch.randn(sizes.kernel_shape, device=device) * 2 + 1).to(torch.bfloat16).to(
+        memory_format=torch.channels_last).requires_grad_()
+    c = u.shape[1]
+    se = SqueezeExcite2d(c, max(1, c // 16)).to(device)
+    for name, fused, reference in (
+        ('SE then BN', lambda t, s, n: squeeze_excite_batch_norm(t, s, n, 0.1, n.running_mean, n.running_var),
+         lambda t, s, n: n(s(t))),
+        ('BN then SE', lambda t, s, n: batch_norm_squeeze_excite(t, n, s, 0.1, n.running_mean, n.running_var),
+         lambda t, s, n: s(n(t))),
+    ):
+        norm = nn.BatchNorm2d(c).to(device)
+        out = fused(u, se, norm)
+        g = torch.randn_like(out)
+        (grad_u,) = torch.autograd.grad(out, u, g)
+        u64 = u.detach().double().requires_grad_()
+        se64, norm64 = copy.deepcopy(se).double(), nn.BatchNorm2d(c).to(device).double()
+        out64 = reference(u64, se64, norm64)
+        (grad64,) = torch.autograd.grad(out64, u64, g.double())
+        checks[f'{name}, bf16 channels_last {tuple(u.shape)}: output vs float64'] = relative_error(out, out64)
+        checks[f'{name}, bf16 channels_last {tuple(u.shape)}: grad_u vs float64'] = relative_error(grad_u, grad64)
+        checks[f'{name}: output keeps channels_last'] = bool(out.is_contiguous(memory_format=torch.channels_last))
+    return checks
+
+
+def part_kernels(sizes: Sizes) -> dict:
+    """SE + BN (folded), BN + SE (block end) and F.batch_norm alone on one activation, bf16 channels_last."""
+    device = sizes.device
+    u = torch.randn(sizes.kernel_shape, device=device).to(torch.bfloat16).to(
+        memory_format=torch.channels_last).requires_grad_()
+    c = u.shape[1]
+    se = SqueezeExcite2d(c, 64).to(device)
+    norm = nn.BatchNorm2d(c).to(device)
+    g = torch.randn_like(u)
+    variants = {
+        'F.batch_norm': lambda: F.batch_norm(u, norm.running_mean, norm.running_var, norm.weight, norm.bias, True),
+        'SE then BN (folded)': lambda: squeeze_excite_batch_norm(u, se, norm, 0.1, norm.running_mean,
+                                                                 norm.running_var),
+        'BN then SE (block end)': lambda: batch_norm_squeeze_excite(u, norm, se, 0.1, norm.running_mean,
+                                                                    norm.running_var),
+    }
+    size = u.numel() * u.element_size()
+    result = {'shape': list(u.shape), 'activation_bytes': size}
+    for name, fn in variants.items():
+        for _ in range(3):
+            fn().backward(g)
+        times = {'forward': [], 'forward+backward': []}
+        for _ in range(sizes.rounds):
+            with Timer(device) as timer:
+                for _ in range(sizes.steps):
+                    fn()
+            times['forward'].append(timer.seconds / sizes.steps)
+            with Timer(device) as timer:
+                for _ in range(sizes.steps):
+                    fn().backward(g)
+            times['forward+backward'].append(timer.seconds / sizes.steps)
+        # Bytes that must move: forward reads u twice and writes out; backward reads g and u
+        # twice (sums, then the elementwise pass) and writes grad_u.
+        floor = {'forward': 3 * size, 'forward+backward': 8 * size}
+        result[name] = {
+            kind: {'ms': 1e3 * statistics.median(values), 'GB/s': floor[kind] / statistics.median(values) / 1e9}
+            for kind, values in times.items()
+        }
+    return result
+
+
+def part_resnet50(sizes: Sizes) -> dict:
+    torch.manual_seed(0)
+    base = sizes.resnet50()
+    variants = {'plain': copy.deepcopy(base)}
+    try:
+        variants['composer min128'] = with_composer_se(base, chosen_convs(base, 'composer', 128), 64)
+    except ImportError as error:
+        print(f'# Composer does not import ({error}); its SqueezeExcite is left out')
+    for minimum in (512, 128):
+        names = chosen_convs(base, 'out', minimum)
+        variants[f'ours conv min{minimum} folded'] = with_our_se(base, names, 64, fold=True)
+        variants[f'ours conv min{minimum} unfolded'] = with_our_se(base, names, 64, fold=False)
+    variants['ours block (fused)'] = with_our_block_se(base)
+    variants['plain block (timm formulation)'] = with_plain_block_se(base)
+    try:
+        import timm
+        if not sizes.device == 'cpu':
+            variants['timm resnet50'] = timm.create_model('resnet50', pretrained=False)
+            variants['timm seresnet50'] = timm.create_model('seresnet50', pretrained=False)
+    except ImportError:
+        print('# timm does not import; its resnet50 and seresnet50 are left out')
+    bench = Bench(sizes, sizes.batch, sizes.image)
+    memory = {name: bench.peak_memory(model) for name, model in variants.items()}
+    speed = bench.throughput(variants)
+    blocks = {name: sum(isinstance(m, SqueezeExcite2d) or type(m).__name__ in ('SEModule', 'PlainSE')
+                        for m in model.modules()) for name, model in variants.items()}
+    return {name: {'blocks': blocks[name], 'train_images_per_s': speed[name]['train'],
+                   'infer_images_per_s': speed[name]['infer'], 'max_memory_allocated': memory[name]}
+            for name in variants}
+
+
+def part_compiled(sizes: Sizes, deadline: float) -> dict:
+    torch.manual_seed(0)
+    base = sizes.compile_model()
+    minimum = 512 if sizes.device == 'cuda' else 8
+    variants = {
+        'compiled: plain': copy.deepcopy(base),
+        'compiled: ours conv min512 folded': with_our_se(base, chosen_convs(base, 'out', minimum), 64),
+        'compiled: ours block (fused)': with_our_block_se(base),
+    }
+    image = sizes.image if sizes.device == 'cuda' else 16
+    bench = Bench(sizes, sizes.batch, image, classes=10 if sizes.device == 'cpu' else 1000)
+    compiled, compile_seconds = {}, {}
+    for name, model in variants.items():
+        if time.time() > deadline:
+            print(f'# out of time: {name} is not compiled')
+            continue
+        started = time.time()
+        model, optimizer = bench.prepare(model)
+        model = torch.compile(model)
+        for _ in range(2):
+            bench.train_step(model, optimizer)
+        sync(sizes.device)
+        compile_seconds[name] = time.time() - started
+        compiled[name] = model
+    speed = bench.throughput(compiled, infer=False, warmup=1)
+    return {name: {'train_images_per_s': speed[name]['train'], 'compile_and_warmup_s': compile_seconds[name]}
+            for name in compiled}
+
+
+def part_resnet56(sizes: Sizes) -> dict:
+    torch.manual_seed(0)
+    base = cifar_resnet(sizes.cifar_depth)
+    ours = copy.deepcopy(base)
+    apply_squeeze_excite(ours, latent_channels=64, min_channels=64)
+    variants = {'plain': base, 'ours recipe (64, min 64)': ours, 'ours block (fused)': with_our_block_se(base)}
+    bench = Bench(sizes, sizes.cifar_batch, 32, classes=10)
+    memory = {name: bench.peak_memory(model) for name, model in variants.items()}
+    speed = bench.throughput(variants, infer=False)
+    return {name: {'train_images_per_s': speed[name]['train'], 'max_memory_allocated': memory[name]}
+            for name in variants}
+
+
+def part_profile(sizes: Sizes, out: Path) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    base = sizes.resnet50()
+    variants = {
+        'plain': base,
+        'ours conv min128 folded': with_our_se(base, chosen_convs(base, 'out', 128), 64),
+        'ours block (fused)': with_our_block_se(base),
+    }
+    bench = Bench(sizes, sizes.batch, sizes.image)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sizes.device == 'cuda' else [])
+    sort = 'cuda_time_total' if sizes.device == 'cuda' else 'cpu_time_total'
+    texts, totals = [], {}
+    for name, model in variants.items():
+        model, optimizer = bench.prepare(model)
+        for _ in range(2):
+            bench.train_step(model, optimizer)
+        sync(sizes.device)
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                bench.train_step(model, optimizer)
+            sync(sizes.device)
+        averages = prof.key_averages()
+        texts.append(f'## {name}: two training steps\n\n' + averages.table(sort_by=sort, row_limit=30))
+        attribute = 'device_time_total' if hasattr(averages[0], 'device_time_total') else 'cuda_time_total'
+        totals[name] = {'kernels': sum(1 for e in averages if getattr(e, attribute, 0) > 0),
+                        'launches': sum(e.count for e in averages if getattr(e, attribute, 0) > 0)}
+        del model, optimizer
+    (out / 'gpu_profile.txt').write_text('\n\n'.join(texts))
+    return totals
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as metadata
+    versions = {}
+    for package in ('torch', 'torchvision', 'triton', 'timm', 'mosaicml'):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        'device': torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({platform.machine()})',
+        'python': platform.python_version(),
+        'versions': versions,
+        'date': str(date.today()),
+    }
+
+
+def markdown(results: dict) -> str:
+    env = results['environment']
+    lines = [f"# GPU suite: {env['device']}, torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+             f"{env['date']}", '']
+    if 'correctness' in results:
+        lines += ['## Correctness', '', '| check | value |', '|---|---|']
+        lines += [f'| {k} | {v:.2e} |' if isinstance(v, float) else f'| {k} | {v} |'
+                  for k, v in results['correctness'].items()]
+        lines.append('')
+    if 'kernels' in results:
+        k = results['kernels']
+        lines += [f"## One activation {tuple(k['shape'])}, bf16 channels_last", '',
+                  '| function | forward ms | GB/s | forward+backward ms | GB/s |', '|---|---|---|---|---|']
+        for name, v in k.items():
+            if isinstance(v, dict):
+                lines.append(f"| {name} | {v['forward']['ms']:.3f} | {v['forward']['GB/s']:.0f} | "
+                             f"{v['forward+backward']['ms']:.3f} | {v['forward+backward']['GB/s']:.0f} |")
+        lines.append('')
+    for part, title in (('resnet50', 'ResNet-50, eager, bf16 autocast, channels_last'),
+                        ('compiled', 'ResNet-50 under torch.compile, training'),
+                        ('resnet56', 'ResNet-56 (CIFAR), eager, bf16 autocast, channels_last')):
+        if part not in results:
+            continue
+        rows = results[part]
+        plain = rows.get('plain') or rows.get('compiled: plain') or {}
+        lines += [f'## {title}', '', '| variant | SE blocks | train img/s | vs plain | target | infer img/s | vs plain | '
+                  'peak memory | vs plain |', '|---|---|---|---|---|---|---|---|---|']
+        for name, v in rows.items():
+            reference = rows.get('timm resnet50', plain) if name.startswith('timm se') else plain
+
+            def ratio(key, v=v, reference=reference):
+                return f'{v[key] / reference[key]:.3f}' if v.get(key) and reference.get(key) else '-'
+
+            train = v.get('train_images_per_s')
+            infer = v.get('infer_images_per_s')
+            memory = v.get('max_memory_allocated')
+            lines.append(
+                f"| {name} | {v.get('blocks', '-')} | {train:,.0f} | {ratio('train_images_per_s')} | "
+                f"{TARGETS.get(name, '-')} | {f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
+                f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
+        lines.append('')
+    if results.get('failures'):
+        lines += ['## Failures', ''] + [f'- {name}: {error}' for name, error in results['failures'].items()] + ['']
+    return '\n'.join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = {**results.get('resnet50', {}), **results.get('compiled', {})}
+    names = [n for n in rows if n not in ('plain', 'compiled: plain') and not n.startswith('timm')]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.5))
+    for index, name in enumerate(names):
+        reference = rows['compiled: plain' if name.startswith('compiled') else 'plain']
+        ratio = rows[name]['train_images_per_s'] / reference['train_images_per_s']
+        ax.barh(index, ratio, color='tab:blue' if 'ours' in name else 'tab:grey')
+        ax.text(ratio, index, f' {ratio:.3f}', va='center')
+        if name in TARGETS:
+            ax.plot([TARGETS[name]] * 2, [index - 0.4, index + 0.4], color='tab:red')
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(0.5, 1.1)
+    ax.axvline(1.0, color='black', lw=0.5)
+    ax.set_xlabel('training images/s against no SE (red: target)')
+    env = results['environment']
+    ax.set_title(f"ResNet-50, batch {results['sizes']['batch']}, bf16, channels_last: {env['device']}, "
+                 f"torch {env['versions']['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', required=True, type=Path)
+    parser.add_argument('--dry-run', action='store_true', help='every part at toy size on CPU')
+    parser.add_argument('--parts', nargs='+', default=['correctness', 'kernels', 'resnet50', 'compiled', 'resnet56',
+                                                       'profile'])
+    parser.add_argument('--time-budget', type=float, default=420.0,
+                        help='seconds after which no further model is compiled (default 420)')
+    args = parser.parse_args(argv)
+    started = time.time()
+    if args.dry_run:
+        sizes = Sizes.dry_run()
+    elif torch.cuda.is_available():
+        sizes = Sizes('cuda')
+        torch.backends.cudnn.benchmark = True
+    else:
+        parser.error('no CUDA device: run on a machine with one, or use --dry-run')
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {'environment': environment(sizes.device), 'sizes': {'batch': sizes.batch, 'image': sizes.image,
+                                                                    'cifar_batch': sizes.cifar_batch},
+               'failures': {}}
+    print(f"# {results['environment']}", flush=True)
+    parts = {
+        'correctness': lambda: part_correctness(sizes),
+        'kernels': lambda: part_kernels(sizes),
+        'resnet50': lambda: part_resnet50(sizes),
+        'compiled': lambda: part_compiled(sizes, started + args.time_budget),
+        'resnet56': lambda: part_resnet56(sizes),
+        'profile': lambda: part_profile(sizes, args.out),
+    }
+    for name in args.parts:
+        part_started = time.time()
+        try:
+            results[name] = parts[name]()
+        except Exception as error:  # a failed part is reported; the others still run
+            results['failures'][name] = f'{type(error).__name__}: {error}'
+            traceback.print_exc()
+        print(f'# {name}: {time.time() - part_started:.0f} s', flush=True)
+        (args.out / 'gpu_results.json').write_text(json.dumps(results, indent=1))
+    results['total_seconds'] = time.time() - started
+    (args.out / 'gpu_results.json').write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    (args.out / 'gpu_results.md').write_text(text)
+    try:
+        plot(results, args.out / 'gpu_throughput.png')
+    except ImportError as error:
+        print(f'# no plot: {error} (pip install matplotlib)')
+    print(text, flush=True)
+    return 1 if results['failures'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

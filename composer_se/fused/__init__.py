@@ -1,0 +1,12 @@
+"""SE and a BatchNorm in one pass over the activation: the arithmetic and its kernels (torch only).
+
+- :mod:`~composer_se.fused.function`: SE then BatchNorm (a block folded into the
+  BatchNorm after its conv) and BatchNorm then SE (a block at the end of a residual
+  branch), as autograd functions with hand-written backward passes;
+- :mod:`~composer_se.fused.torch_ops` and :mod:`~composer_se.fused.triton_ops`: their
+  steps as torch operations (CPU) and as Triton kernels (CUDA).
+"""
+
+from composer_se.fused.function import affine, batch_norm_squeeze_excite, kernels_for, squeeze_excite_batch_norm
+
+__all__ = ['affine', 'batch_norm_squeeze_excite', 'kernels_for', 'squeeze_excite_batch_norm']

@@ -1,0 +1,215 @@
+"""SE and a training-mode BatchNorm in one pass over the activation, in either order.
+
+**SE then BatchNorm** (a block folded into the BatchNorm after its conv). For a conv
+output ``u`` (N, C, H, W)::
+
+    s = excite(mean_hw(u))                    # (N, C) gate
+    y = u * s                                 # SE
+    out = gamma * (y - mu) / sqrt(var + eps) + beta,  mu, var: batch statistics of y
+
+The batch statistics of ``y`` follow from the per-(n, c) mean ``m`` and variance ``v``
+of ``u``, read in one pass: ``mu_c = mean_n(s m)`` and
+``var_c = mean_n(s^2 v) + mean_n((s m - mu_c)^2)`` (a sum of non-negative terms, so no
+cancellation). SE and normalisation then become one affine map per (n, c),
+``out = u * A + B``.
+
+**BatchNorm then SE** (a block at the end of a residual branch, the paper's place).
+``b = gamma (u - mu) rstd + beta`` with the batch statistics of ``u``, which follow from
+the same per-(n, c) ``m`` and ``v``; SE squeezes ``mean_hw(b) = gamma rstd (m - mu) + beta``,
+so ``out = s * b`` is again one affine map per (n, c) of ``u``. Nothing of ``b`` is kept:
+the backward pass recomputes what it needs of it from ``u`` (as In-Place ABN does).
+
+**Backward.** Written out by hand from two reductions of the incoming gradient per
+(n, c), ``sum_hw g`` and ``sum_hw g (u - m)``, read in one pass over ``g`` and ``u``,
+then one elementwise pass ``grad_u = g P + (u - m) Q + R``. Autograd keeps ``u``, which
+a BatchNorm keeps anyway, and (N, C) statistics: SE adds no full-size tensor to what is
+saved for backward, and there is no division by the gate (near-zero gates are exact).
+The gate's small MLP is differentiated by hand too, from its (N, L) and (N, C)
+activations. The per-(n, c) formulas are in :mod:`composer_se.fused.torch_ops`.
+
+**Where it runs.** The steps run as Triton kernels (:mod:`~composer_se.fused.triton_ops`)
+on CUDA tensors, and as torch operations (:mod:`~composer_se.fused.torch_ops`) on other
+devices; with ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors too, which is
+how they are tested without a GPU. Both compute in float32 (float64 for float64 inputs)
+and return the input's dtype and memory format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from composer_se.fused import torch_ops
+from composer_se.fused.torch_ops import accumulation_dtype
+
+__all__ = ['affine', 'batch_norm_squeeze_excite', 'kernels_for', 'squeeze_excite_batch_norm']
+
+
+def kernels_for(x: torch.Tensor) -> ModuleType:
+    """The module of steps that runs on ``x``: Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``), else torch.
+
+    Raises:
+        RuntimeError: ``x`` is on CUDA and Triton cannot be imported.
+    """
+    if x.is_cuda or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1'):
+        try:
+            from composer_se.fused import triton_ops
+        except ImportError as error:
+            raise RuntimeError(
+                f'SE folded into BatchNorm, and SE at the end of residual branches, run as Triton kernels on CUDA, '
+                f'and Triton cannot be imported ({error}). Install the triton package that matches your torch (it '
+                f'ships with torch\'s CUDA wheels on Linux), or use SqueezeExcite(fold_batchnorm=False, '
+                f'placement=\'conv\').',
+            ) from error
+        return triton_ops
+    return torch_ops
+
+
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), in one pass."""
+    return kernels_for(x).affine(x, scale, shift)
+
+
+def _autocast_off(device_type: str):
+    """A context that turns autocast off for ``device_type``, where it is on."""
+    if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _count(u: torch.Tensor) -> int:
+    n, _, h, w = u.shape
+    if n * h * w < 2:
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(u.shape)}')
+    return n * h * w
+
+
+def _gate_logits(squeezed: torch.Tensor, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's hidden activation (N, L) and logits (N, C), in the parameters' dtype even under autocast."""
+    with _autocast_off(squeezed.device.type):
+        hidden = torch.relu(F.linear(squeezed.to(w1.dtype), w1, b1))
+        return hidden, F.linear(hidden, w2, b2)
+
+
+def _gate_backward(grad_z2: torch.Tensor, squeezed: torch.Tensor, hidden: torch.Tensor, w1, w2, needs) -> tuple:
+    """Back through ``W2 relu(W1 z + b1) + b2``: the gradient of ``z`` and of ``(w1, b1, w2, b2)``."""
+    grad_z2 = grad_z2.to(w2.dtype)
+    grad_z1 = torch.ops.aten.threshold_backward(grad_z2 @ w2, hidden, 0)
+    grad_squeezed = (grad_z1 @ w1).to(squeezed.dtype)
+    return (
+        grad_squeezed,
+        grad_z1.t() @ squeezed.to(w1.dtype) if needs[0] else None,
+        grad_z1.sum(0) if needs[1] else None,
+        grad_z2.t() @ hidden if needs[2] else None,
+        grad_z2.sum(0) if needs[3] else None,
+    )
+
+
+class _SqueezeExciteBatchNorm(torch.autograd.Function):
+    """``batch_norm(u * s)`` with ``s`` the SE gate of ``u``."""
+
+    @staticmethod
+    def forward(ctx, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var, momentum, eps):
+        count = _count(u)
+        ops = kernels_for(u)
+        mean, var = ops.channel_stats(u)
+        hidden, z2 = _gate_logits(mean, w1, b1, w2, b2)
+        sig, scale, shift, mu, rstd = ops.se_bn_forward(mean, var, z2, gate_scale, weight, bias, running_mean,
+                                                        running_var, momentum, eps, count)
+        # detach: torch_ops.affine may return a view, and a custom Function's output must not be
+        # one (an in-place op after it, such as ReLU(inplace=True), would be refused).
+        out = ops.affine(u, scale, shift).detach()
+        ctx.save_for_backward(u, mean, var, sig, mu, rstd, hidden)
+        # The parameters by reference: they live on anyway (saving them would only make
+        # saved-tensor accounting count them).
+        ctx.params = (w1, w2, gate_scale, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        u, mean, var, sig, mu, rstd, hidden = ctx.saved_tensors
+        w1, w2, gate_scale, weight = ctx.params
+        ops = kernels_for(u)
+        count = _count(u)
+        g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
+        grad_weight, grad_bias, grad_z2, p, q, r = ops.se_bn_backward(g_sum, gu_c, mean, var, sig, gate_scale, mu,
+                                                                      rstd, weight, count)
+        grad_squeezed, *grad_gate = _gate_backward(grad_z2, mean, hidden, w1, w2, ctx.needs_input_grad[1:5])
+        grad_u = ops.affine2(grad_out, u, p, q, mean, r, grad_squeezed, 1.0 / (count // u.shape[0]))
+        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None,
+                None)
+
+
+class _BatchNormSqueezeExcite(torch.autograd.Function):
+    """``s * batch_norm(u)`` with ``s`` the SE gate of ``batch_norm(u)``."""
+
+    @staticmethod
+    def forward(ctx, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var, momentum, eps):
+        count = _count(u)
+        ops = kernels_for(u)
+        mean, var = ops.channel_stats(u)
+        mu, rstd, squeezed = ops.bn_stats(mean, var, weight, bias, running_mean, running_var, momentum, eps, count)
+        hidden, z2 = _gate_logits(squeezed, w1, b1, w2, b2)
+        sig, scale, shift = ops.bn_se_scale(z2, gate_scale, mu, rstd, weight, bias)
+        out = ops.affine(u, scale, shift).detach()  # detach: as in _SqueezeExciteBatchNorm
+        ctx.save_for_backward(u, mean, sig, mu, rstd, hidden, squeezed)
+        ctx.params = (w1, w2, gate_scale, weight, bias)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        u, mean, sig, mu, rstd, hidden, squeezed = ctx.saved_tensors
+        w1, w2, gate_scale, weight, bias = ctx.params
+        ops = kernels_for(u)
+        count = _count(u)
+        g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
+        grad_z2 = ops.bn_se_gate_grad(g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias)
+        grad_squeezed, *grad_gate = _gate_backward(grad_z2, squeezed, hidden, w1, w2, ctx.needs_input_grad[1:5])
+        grad_weight, grad_bias, p, q, r = ops.bn_se_backward(g_sum, gu_c, mean, sig, gate_scale, grad_squeezed, mu,
+                                                             rstd, weight, count)
+        grad_u = ops.affine2(grad_out, u, p, q, mean, r)
+        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
+                None)
+
+
+def _arguments(se: torch.nn.Module, norm: torch.nn.BatchNorm2d, u: torch.Tensor, momentum: float,
+               running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor]) -> tuple:
+    """The fused functions' arguments; a BatchNorm without affine parameters gets ones and zeros."""
+    weight, bias = norm.weight, norm.bias
+    if weight is None:
+        acc = accumulation_dtype(u.dtype)
+        weight = torch.ones(norm.num_features, device=u.device, dtype=acc)
+        bias = torch.zeros(norm.num_features, device=u.device, dtype=acc)
+    return (u, se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias, se.gate_scale, weight, bias, running_mean,
+            running_var, momentum, norm.eps)
+
+
+def squeeze_excite_batch_norm(u: torch.Tensor, se: torch.nn.Module, norm: torch.nn.BatchNorm2d, momentum: float,
+                              running_mean: Optional[torch.Tensor],
+                              running_var: Optional[torch.Tensor]) -> torch.Tensor:
+    """``norm(se(u))`` in one pass over ``u``, for ``norm`` normalising with batch statistics.
+
+    ``se`` is a :class:`~composer_se.layers.SqueezeExcite2d`; ``momentum`` and the running
+    statistics to update (or ``None``) are those ``BatchNorm2d.forward`` would use (see
+    :meth:`~composer_se.layers.norm.ScriptableBatchNorm2d._batch_norm_arguments`). The
+    result equals ``norm(se(u))`` up to rounding, and so do the gradients.
+    """
+    return _SqueezeExciteBatchNorm.apply(*_arguments(se, norm, u, momentum, running_mean, running_var))
+
+
+def batch_norm_squeeze_excite(u: torch.Tensor, norm: torch.nn.BatchNorm2d, se: torch.nn.Module, momentum: float,
+                              running_mean: Optional[torch.Tensor],
+                              running_var: Optional[torch.Tensor]) -> torch.Tensor:
+    """``se(norm(u))`` in one pass over ``u``, for ``norm`` normalising with batch statistics.
+
+    As :func:`squeeze_excite_batch_norm`, in the other order; ``norm`` may lack affine
+    parameters.
+    """
+    return _BatchNormSqueezeExcite.apply(*_arguments(se, norm, u, momentum, running_mean, running_var))

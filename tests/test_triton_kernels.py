@@ -1,0 +1,172 @@
+"""The Triton kernels of composer_se.fused, run on the CPU by Triton's interpreter, against float64.
+
+Triton reads ``TRITON_INTERPRET`` when it compiles a kernel, so the checks run in a
+child process started with ``TRITON_INTERPRET=1`` (:func:`test_kernels_in_the_interpreter`
+runs this file there); in it, ``composer_se.fused`` runs its Triton kernels on CPU
+tensors, the whole model path included.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip('triton')
+
+INTERPRETING = os.environ.get('TRITON_INTERPRET') == '1'
+ROOT = Path(__file__).resolve().parents[1]
+in_the_interpreter = pytest.mark.skipif(not INTERPRETING, reason='runs in the TRITON_INTERPRET=1 child process')
+
+
+@pytest.mark.skipif(INTERPRETING, reason='this is the child process')
+def test_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert ' passed' in result.stdout and 'skipped' in result.stdout  # the child ran the checks, not this test
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+#: Largest relative error against float64 per dtype: float32 rounding, bf16 rounding of the output.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+LAYOUTS = {'nchw': torch.contiguous_format, 'nhwc': torch.channels_last}
+
+
+def activation(dtype, layout, shape=(3, 37, 7, 5), mean=3.0, spread=2.0) -> torch.Tensor:
+    """Channels and H*W that are no multiple of a tile, a mean well away from zero."""
+    return (torch.randn(shape, dtype=torch.float64) * spread + mean).to(dtype).to(memory_format=LAYOUTS[layout])
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('dtype', TOLERANCE, ids=str)
+def test_activation_kernels_against_float64(dtype, layout):
+    from composer_se.fused import torch_ops, triton_ops
+    torch.manual_seed(0)
+    u, g = activation(dtype, layout), activation(dtype, layout, mean=0.0)
+    n, c = u.shape[:2]
+    reference = u.double()
+    mean, var = triton_ops.channel_stats(u)
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert relative_error(mean, reference.mean((2, 3))) < TOLERANCE[torch.float32]
+    assert relative_error(var, reference.var((2, 3), correction=0)) < TOLERANCE[torch.float32]
+    g_sum, gu_c = triton_ops.grad_sums(g, u, mean)
+    assert relative_error(g_sum, g.double().sum((2, 3))) < 1e-5
+    centred = (g.double() * (reference - mean.double()[:, :, None, None])).sum((2, 3))
+    assert relative_error(gu_c, centred) < 1e-5
+    acc = mean.dtype
+    a, b, p, q, r, r2 = (torch.randn(n, c, dtype=acc) for _ in range(6))
+    y = triton_ops.affine(u, a, b[0])
+    assert y.dtype == dtype and y.is_contiguous(memory_format=LAYOUTS[layout])
+    assert relative_error(y, reference * a.double()[:, :, None, None] + b[0].double()[:, None, None]) < TOLERANCE[dtype]
+    out = triton_ops.affine2(g, u, p, q, mean, r, r2, 0.25)
+    expected = torch_ops.affine2(g.double(), reference, p.double(), q.double(), mean.double(), r.double(), r2.double(),
+                                 0.25)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=LAYOUTS[layout])
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@in_the_interpreter
+def test_statistics_of_a_large_mean_and_a_small_spread():
+    """Blocks merged with Chan's update: no E[x^2] - E[x]^2 cancellation."""
+    from composer_se.fused import triton_ops
+    u = activation(torch.float32, 'nchw', shape=(2, 3, 40, 40), mean=1e4, spread=1e-2)
+    _, var = triton_ops.channel_stats(u)
+    assert relative_error(var, u.double().var((2, 3), correction=0)) < 1e-3
+
+
+@in_the_interpreter
+def test_an_input_in_another_layout_is_handled():
+    from composer_se.fused import triton_ops
+    u = activation(torch.float32, 'nchw', shape=(3, 8, 6, 10))[:, :, :, ::2]  # neither NCHW nor NHWC dense
+    mean, var = triton_ops.channel_stats(u)
+    assert relative_error(var, u.double().var((2, 3), correction=0)) < 1e-5
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('running', [True, False])
+def test_statistic_kernels_against_float64(running):
+    from composer_se.fused import torch_ops, triton_ops
+    torch.manual_seed(0)
+    n, c, count = 37, 45, 37 * 20  # more than one program of channels, batch rows that end mid-block
+    m, v, z2, g_sum, gu_c, grad_z = (torch.randn(n, c) for _ in range(6))
+    v = v.abs() + 0.1
+    gate_scale, weight, bias = torch.tensor(2.0), torch.rand(c) + 0.5, torch.randn(c)
+    stats = [torch.randn(c), torch.rand(c) + 0.5]
+
+    def both(name, *args, update=()):
+        """The kernel on float32 inputs, and the torch formula on float64 copies."""
+        ours = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        exact = [a.double().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        results = getattr(triton_ops, name)(*ours), getattr(torch_ops, name)(*exact)
+        for index in update:  # running statistics updated in place
+            if args[index] is not None:
+                assert relative_error(ours[index], exact[index]) < 1e-6, (name, index)
+        return results
+
+    rm, rv = stats if running else (None, None)
+    got, exact = both('se_bn_forward', m, v, z2, gate_scale, weight, bias, rm, rv, 0.1, 1e-5, count, update=(6, 7))
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
+    sig, _, _, mu, rstd = exact
+    got, exact = both('se_bn_backward', g_sum, gu_c, m, v, sig, gate_scale, mu, rstd, weight, count)
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
+    got, exact = both('bn_stats', m, v, weight, bias, rm, rv, 0.1, 1e-5, count, update=(4, 5))
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
+    mu, rstd, _ = exact
+    got, exact = both('bn_se_scale', z2, gate_scale, mu, rstd, weight, bias)
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
+    sig = exact[0]
+    got, exact = both('bn_se_gate_grad', g_sum, gu_c, m, sig, gate_scale, mu, rstd, weight, bias)
+    assert relative_error(got, exact) < 1e-5
+    got, exact = both('bn_se_backward', g_sum, gu_c, m, sig, gate_scale, grad_z, mu, rstd, weight, count)
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
+    """The whole path (the folded BatchNorm, or the block end) on the Triton kernels: outputs and gradients."""
+    import torchvision
+
+    from composer_se import apply_squeeze_excite
+    from composer_se.fused import kernels_for, triton_ops
+    torch.manual_seed(0)
+    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
+    kwargs = {'min_channels': 8, 'placement': placement}
+    report = apply_squeeze_excite(model, latent_channels=3, **kwargs)
+    assert report.num_blocks == (4 if placement == 'conv' else 2)
+    assert kernels_for(torch.zeros(1)) is triton_ops
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(4, 8, 6, 5)
+    weights = torch.randn(4, 8, 6, 5)
+    model, x = model.to(memory_format=LAYOUTS[layout]), x.to(memory_format=LAYOUTS[layout])
+    out = model(x)
+    assert out.is_contiguous(memory_format=LAYOUTS[layout])
+    (out * weights).sum().backward()
+    # The float64 reference in plain operations, as TorchScript runs the model.
+    plain = torch.jit.script(reference)
+    expected = plain(x.double())
+    (expected * weights.double()).sum().backward()
+    assert relative_error(out, expected) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert relative_error(p.grad, q.grad) < 1e-4, name
+    model.eval(), plain.eval()
+    assert relative_error(model(x), plain(x.double())) < 1e-5
