@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 
 #: Composer algorithms that replace Conv2d modules with new ones at Event.INIT. An SE conv
 #: is a Conv2d, so one of these running after SqueezeExcite would discard its SE block.
+#: (GhostBatchNorm is not one of them for BatchNorms: it wraps each BatchNorm, ours
+#: included, and calls it once per ghost batch, so SE blocks in or folded into
+#: BatchNorms keep working.)
 CONV_REPLACING_ALGORITHMS = ('BlurPool', 'Factorize')
-#: Composer algorithms that replace BatchNorm2d modules at Event.INIT: after SqueezeExcite,
-#: they would discard the BatchNorms that SE blocks are folded into.
-NORM_REPLACING_ALGORITHMS = ('GhostBatchNorm',)
 
 
 class SqueezeExcite(Algorithm):
@@ -45,21 +45,26 @@ class SqueezeExcite(Algorithm):
     With ``placement='conv'``, algorithms that replace convolutions at ``Event.INIT``
     (Composer's ``BlurPool`` and ``Factorize``) must come *before* it in the Trainer's
     ``algorithms``, so that SE goes after the convolutions they leave; the other order is
-    an error, since they would drop the SE blocks. With ``fold_batchnorm=True``, the same
-    holds for Composer's ``GhostBatchNorm``, which replaces BatchNorms.
+    an error, since they would drop the SE blocks. Composer's ``GhostBatchNorm`` may come
+    in either order: it wraps each BatchNorm (ours included) and calls it once per ghost
+    batch. At ``Event.FIT_START`` it checks that every BatchNorm a block was folded into
+    is still in the model (something that really replaces BatchNorms, such as
+    ``SyncBatchNorm.convert_sync_batchnorm``, would skip those blocks).
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
 
-    Checkpoints: the model changes shape, so :meth:`required_on_load` is ``True``. A
-    Trainer that loads a checkpoint made with this algorithm must be given the same
-    algorithm; without it, loading fails with an error saying which ``SqueezeExcite``
-    to add. Composer's own ``SqueezeExcite`` is never built in its place. A state dict
-    whose SE blocks differ from the model's (saved without SE, or with other
-    arguments) is refused by the Trainer's checkpoint loading before anything is
-    copied, with a :class:`~composer_se.state_dicts.CheckpointError` naming the first
-    differing layer and the two shapes (see
-    :class:`~composer_se.checkpoint_guard.CheckpointGuard`).
+    Checkpoints: the model changes shape, so :meth:`required_on_load` is ``True``, and
+    Composer's convention holds: a Trainer that loads a checkpoint made with this
+    algorithm but was not given it warns ``Automatically adding required_on_load
+    algorithm composer_se.SqueezeExcite(...)``, builds this algorithm (never Composer's
+    own ``SqueezeExcite``) from the arguments the checkpoint records, applies it and
+    loads; ``load_exclude_algorithms=['SqueezeExcite']`` leaves it out. (Composer finds
+    this class once ``composer_se`` is imported.) A state dict whose SE blocks differ
+    from the model's (saved without SE, or with other arguments) is refused by the
+    Trainer's checkpoint loading before anything is copied, with a
+    :class:`~composer_se.state_dicts.CheckpointError` naming the first differing layer
+    and the two shapes (see :class:`~composer_se.checkpoint_guard.CheckpointGuard`).
 
     Its arguments, positional or by keyword, are the fields of
     :class:`~composer_se.settings.SqueezeExciteSettings`, in this order:
@@ -95,7 +100,6 @@ class SqueezeExcite(Algorithm):
     def __init__(self, *args: Any, settings: Optional[SqueezeExciteSettings] = None, **kwargs: Any):
         self.settings = settings_from(settings, *args, **kwargs)
         self._guard: Optional[CheckpointGuard] = None
-        self._recreated_from_checkpoint = False
 
     def __getattr__(self, name: str):
         # The settings' fields read as the algorithm's own (algorithm.min_channels, ...).
@@ -128,13 +132,6 @@ class SqueezeExcite(Algorithm):
         elif event == Event.FIT_START:
             self._check_folds(state)
         elif event == Event.INIT:
-            if self._recreated_from_checkpoint:
-                raise RuntimeError(
-                    f'This checkpoint was trained with {self!r}, but the Trainer loading it does not use it, so its '
-                    f'model has no SE blocks for the checkpoint\'s SE weights. Add the algorithm: '
-                    f'`from composer_se import SqueezeExcite` and '
-                    f'`Trainer(..., algorithms=[{self.settings.call()}])`.',
-                )
             self._apply_surgery(state, logger)
         return None
 
@@ -150,12 +147,11 @@ class SqueezeExcite(Algorithm):
     def _apply_surgery(self, state: State, logger: Logger) -> None:
         algorithms = list(state.algorithms)
         later = algorithms[algorithms.index(self) + 1:] if self in algorithms and self.placement == 'conv' else []
-        replacing = CONV_REPLACING_ALGORITHMS + (NORM_REPLACING_ALGORITHMS if self.fold_batchnorm else ())
-        replacers = [type(a).__name__ for a in later if type(a).__name__ in replacing]
+        replacers = [type(a).__name__ for a in later if type(a).__name__ in CONV_REPLACING_ALGORITHMS]
         if replacers:
             raise ValueError(
                 f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
-                f'or BatchNorms with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
+                f'with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
             )
         report = apply_squeeze_excite(network_of(state.model), optimizers=state.optimizers, settings=self.settings)
         log.info(
@@ -168,10 +164,4 @@ class SqueezeExcite(Algorithm):
         })
 
 
-def _recreate_from_checkpoint(**kwargs) -> SqueezeExcite:
-    algorithm = SqueezeExcite(**kwargs)
-    algorithm._recreated_from_checkpoint = True
-    return algorithm
-
-
-register_with_composer(_recreate_from_checkpoint)
+register_with_composer(SqueezeExcite)

@@ -182,3 +182,35 @@ def test_blurpool_after_block_placement_is_fine():
                       algorithms=[SqueezeExcite(1 / 16, 1, placement='block'), BlurPool()], device='cpu',
                       progress_bar=False, log_to_console=False)
     assert sum(isinstance(m, SqueezeExciteBatchNorm2d) for m in trainer.state.model.modules()) == 9
+
+
+def test_ghost_batchnorm_wraps_the_blocks_of_either_placement_and_computes_the_same():
+    """Composer's GhostBatchNorm wraps each BatchNorm2d (ours included) and calls it once per ghost batch, so it
+    drops no SE block in either order: the SE model with ghost batches equals SE in plain operations with them."""
+    from composer.algorithms import GhostBatchNorm
+    from composer.algorithms.ghost_batchnorm import apply_ghost_batchnorm
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    for kwargs in ({'latent_channels': 8, 'min_channels': 16}, {'latent_channels': 1 / 16, 'placement': 'block'}):
+        ours = cifar_resnet(20)
+        report = apply_squeeze_excite(ours, min_channels=kwargs.pop('min_channels', 1), **kwargs)
+        plain = copy.deepcopy(ours)
+        for module in plain.modules():  # SE in plain operations: in the conv, or after F.batch_norm
+            if isinstance(module, SqueezeExciteBatchNorm2d):
+                module.forward = lambda input, module=module: module.se(module._normalise(input))
+            elif hasattr(module, '_folded_se'):
+                module.forward = lambda input, module=module: module._normalise(module._folded_se(input))
+        for model in (ours, plain):
+            apply_ghost_batchnorm(model, ghost_batch_size=4)
+        assert sum(isinstance(m, SqueezeExcite2d) for m in ours.modules()) == report.num_blocks
+        torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+    # ... and in a Trainer: after SE in either placement; before SE with conv placement (block placement then
+    # finds GhostBatchNorm's wrappers where its residual branches end, and says so).
+    for placement, ghost_first in (('conv', False), ('block', False), ('conv', True)):
+        ghost, se = GhostBatchNorm(ghost_batch_size=4), SqueezeExcite(1 / 16, 16, placement=placement)
+        trainer = Trainer(model=ComposerClassifier(cifar_resnet(20), num_classes=10),
+                          train_dataloader=DataLoader(SyntheticImages(16), batch_size=8), max_duration='1ba',
+                          algorithms=[ghost, se] if ghost_first else [se, ghost], device='cpu', progress_bar=False,
+                          log_to_console=False)
+        trainer.fit()
+        assert sum(isinstance(m, SqueezeExcite2d) for m in trainer.state.model.modules()) > 0
