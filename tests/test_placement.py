@@ -206,8 +206,8 @@ def test_ghost_batchnorm_wraps_the_blocks_of_either_placement_and_computes_the_s
         torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
     # ... and in a Trainer: after SE in either placement; before SE with conv placement (block placement then
     # finds GhostBatchNorm's wrappers where its residual branches end, and says so).
-    for placement, ghost_first in (('conv', False), ('block', False), ('conv', True)):
-        ghost, se = GhostBatchNorm(ghost_batch_size=4), SqueezeExcite(1 / 16, 16, placement=placement)
+    for where, ghost_first in (('conv', False), ('block', False), ('conv', True)):
+        ghost, se = GhostBatchNorm(ghost_batch_size=4), SqueezeExcite(1 / 16, 16, placement=where)
         trainer = Trainer(model=ComposerClassifier(cifar_resnet(20), num_classes=10),
                           train_dataloader=DataLoader(SyntheticImages(16), batch_size=8), max_duration='1ba',
                           algorithms=[ghost, se] if ghost_first else [se, ghost], device='cpu', progress_bar=False,
