@@ -390,7 +390,6 @@ def part_profile(sizes: Sizes, out: Path) -> dict:
     }
     bench = Bench(sizes, sizes.batch, sizes.image)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sizes.device == 'cuda' else [])
-    sort = 'cuda_time_total' if sizes.device == 'cuda' else 'cpu_time_total'
     texts, totals = [], {}
     for name, model in variants.items():
         model, optimizer = bench.prepare(model)
@@ -402,10 +401,11 @@ def part_profile(sizes: Sizes, out: Path) -> dict:
                 bench.train_step(model, optimizer)
             sync(sizes.device)
         averages = prof.key_averages()
+        device_time = 'device_time_total' if hasattr(averages[0], 'device_time_total') else 'cuda_time_total'
+        sort = device_time if sizes.device == 'cuda' else 'cpu_time_total'
         texts.append(f'## {name}: two training steps\n\n' + averages.table(sort_by=sort, row_limit=30))
-        attribute = 'device_time_total' if hasattr(averages[0], 'device_time_total') else 'cuda_time_total'
-        totals[name] = {'kernels': sum(1 for e in averages if getattr(e, attribute, 0) > 0),
-                        'launches': sum(e.count for e in averages if getattr(e, attribute, 0) > 0)}
+        totals[name] = {'ops with device time': sum(1 for e in averages if getattr(e, device_time, 0) > 0),
+                        'their calls': sum(e.count for e in averages if getattr(e, device_time, 0) > 0)}
         del model, optimizer
     (out / 'gpu_profile.txt').write_text('\n\n'.join(texts))
     return totals
@@ -467,6 +467,12 @@ def markdown(results: dict) -> str:
                 f"| {name} | {v.get('blocks', '-')} | {train:,.0f} | {ratio('train_images_per_s')} | "
                 f"{TARGETS.get(name, '-')} | {f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
                 f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
+        lines.append('')
+    if 'profile' in results:
+        lines += ['## Profile (two training steps; the kernel tables are in gpu_profile.txt)', '',
+                  '| variant | ops with device time | their calls |', '|---|---|---|']
+        lines += [f"| {name} | {v['ops with device time']} | {v['their calls']} |"
+                  for name, v in results['profile'].items()]
         lines.append('')
     if results.get('failures'):
         lines += ['## Failures', ''] + [f'- {name}: {error}' for name, error in results['failures'].items()] + ['']

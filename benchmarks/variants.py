@@ -29,7 +29,8 @@ __all__ = ['PlainSE', 'chosen_convs', 'saved_bytes', 'with_composer_se', 'with_o
 
 
 def chosen_convs(model: nn.Module, rule: str, min_channels: int) -> list[str]:
-    """Names of the plain convs with ``min(in, out)`` (``rule='composer'``) or ``out`` (``'out'``) ``>= min_channels``."""
+    """Names of the plain convs with ``min(in, out)`` (``rule='composer'``) or ``out`` (``'out'``) at least
+    ``min_channels``."""
     return [
         name for name, m in model.named_modules() if type(m) is nn.Conv2d and
         (min(m.in_channels, m.out_channels) if rule == 'composer' else m.out_channels) >= min_channels

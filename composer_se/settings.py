@@ -166,8 +166,9 @@ def settings_from(settings: Optional[SqueezeExciteSettings], *args: Any, **argum
         return SqueezeExciteSettings(*args, **arguments)
     if not isinstance(settings, SqueezeExciteSettings):
         raise TypeError(f'settings must be a SqueezeExciteSettings, got {type(settings).__name__}')
-    given = sorted(key for key, value in arguments.items()
-                   if value is not getattr(DEFAULTS, key, None) and not (value is None and key in ('include', 'exclude')))
+    unset = {key for key, value in arguments.items()
+             if value is getattr(DEFAULTS, key, None) or (value is None and key in ('include', 'exclude'))}
+    given = sorted(set(arguments) - unset)
     if args or given:
         shown = ', '.join(given) if given else 'positional arguments'
         raise TypeError(f'pass the SE arguments either as settings or one by one, not both (got settings and {shown})')

@@ -232,7 +232,8 @@ def bn_se_gate_grad(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate
 
 
 def bn_se_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate_scale: Tensor, grad_z: Tensor,
-                   mu: Tensor, rstd: Tensor, weight: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   mu: Tensor, rstd: Tensor, weight: Tensor,
+                   count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """BatchNorm then SE, backward through the BatchNorm: ``(grad_weight, grad_bias, P, Q, R)``.
 
     The gradient reaching the normalised map is ``gb = s g + grad_z / area`` (``grad_z``:

@@ -44,11 +44,15 @@ __all__ = [
 
 Tensor = torch.Tensor
 
-#: Elements in one tile of the activation (per program and loop step).
+#: Elements in one tile of the activation (per program and loop step), and the most
+#: channels a channels_last tile spans.
 TILE = 4096
-#: Channels per program, and batch rows per loop step, of the (N, C) kernels.
-STAT_CHANNELS = 32
-STAT_ROWS = 32
+MAX_TILE_CHANNELS = 128
+#: Elements in one tile of the (N, C) kernels, and the most batch rows it spans: a program
+#: owns a few channels and walks the batch in as few steps as possible, since those
+#: kernels are latency-bound.
+STAT_TILE = 4096
+MAX_STAT_ROWS = 256
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
@@ -75,7 +79,7 @@ def _view(t: Tensor) -> tuple[Tensor, int, int, int]:
 def _tile(t: Tensor, channels: int, area: int) -> tuple[int, int]:
     """``(BLOCK_HW, BLOCK_C)`` for ``t``: long along its contiguous axis, :data:`TILE` elements in all."""
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        block_c = min(triton.next_power_of_2(channels), 128)
+        block_c = min(triton.next_power_of_2(channels), MAX_TILE_CHANNELS)
         return max(1, min(triton.next_power_of_2(area), TILE // block_c)), block_c
     block_hw = min(triton.next_power_of_2(area), 1024)
     return block_hw, max(1, min(triton.next_power_of_2(channels), TILE // block_hw))
@@ -120,7 +124,7 @@ def channel_stats(u: Tensor) -> tuple[Tensor, Tensor]:
     var = torch.empty(n, c, device=u.device, dtype=acc)
     block_hw, block_c = _tile(x, c, h * w)
     _channel_stats_kernel[(n, triton.cdiv(c, block_c))](x, mean, var, c, h * w, sn, sc, shw, BLOCK_HW=block_hw,
-                                                         BLOCK_C=block_c, ACC=acc_tl)
+                                                        BLOCK_C=block_c, ACC=acc_tl)
     return mean, var
 
 
@@ -194,8 +198,8 @@ def grad_sums(g: Tensor, u: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     gu_sum = torch.empty_like(mean)
     block_hw, block_c = _tile(u, c, h * w)
     _grad_sums_kernel[(n, triton.cdiv(c, block_c))](g, u, mean, g_sum, gu_sum, c, h * w, gn, gc, ghw, un, uc, uhw,
-                                                     BLOCK_HW=block_hw, BLOCK_C=block_c,
-                                                     ACC=_acc(mean.dtype)[1])
+                                                    BLOCK_HW=block_hw, BLOCK_C=block_c,
+                                                    ACC=_acc(mean.dtype)[1])
     return g_sum, gu_sum
 
 
@@ -225,7 +229,7 @@ def _affine2_kernel(g_ptr, u_ptr, out_ptr, p_ptr, q_ptr, m_ptr, r_ptr, r2_ptr, r
 
 def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tensor, r2: Optional[Tensor] = None,
             r2_scale: float = 0.0) -> Tensor:
-    """``g * p + (u - center) * q + r (+ r2 * r2_scale)`` per (n, c), in ``u``'s dtype and memory format, in one pass."""
+    """``g * p + (u - center) * q + r (+ r2 * r2_scale)`` per (n, c), in ``u``'s dtype and layout, in one pass."""
     n, c, h, w = u.shape
     g, gn, gc, ghw = _view(g)
     u, un, uc, uhw = _view(u)
@@ -241,7 +245,7 @@ def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tenso
     return out
 
 
-# --- the (N, C) steps: a program owns STAT_CHANNELS channels and loops over the batch ------------------------------
+# --- the (N, C) steps: a program owns a few channels and loops over the batch -------------------------------------
 
 
 @triton.jit
@@ -297,8 +301,11 @@ def _se_bn_forward_kernel(m_ptr, v_ptr, z_ptr, gs_ptr, w_ptr, b_ptr, rm_ptr, rv_
         tl.store(a_ptr + at, s * k[None, :], mask=inside)
 
 
-def _stat_grid(c: int) -> tuple[int]:
-    return (triton.cdiv(c, STAT_CHANNELS),)
+def _stat_launch(n: int, c: int) -> tuple[tuple[int], dict]:
+    """The grid and block sizes of an (N, C) kernel: BLOCK_N rows by BLOCK_C channels a step."""
+    block_n = min(triton.next_power_of_2(n), MAX_STAT_ROWS)
+    block_c = max(1, min(triton.next_power_of_2(c), STAT_TILE // block_n))
+    return (triton.cdiv(c, block_c),), {'BLOCK_N': block_n, 'BLOCK_C': block_c}
 
 
 def _running(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -318,10 +325,10 @@ def se_bn_forward(mean: Tensor, var: Tensor, z2: Tensor, gate_scale: Tensor, wei
     sig, scale = torch.empty_like(mean), torch.empty_like(mean)
     shift, mu, rstd = (mean.new_empty(c) for _ in range(3))
     rm, rv = _running(running_mean, running_var, mean)
-    _se_bn_forward_kernel[_stat_grid(c)](mean, var, z2, gate_scale, weight, bias, rm, rv, sig, scale, shift, mu, rstd,
-                                         n, c, float(momentum), float(eps), count / (count - 1),
-                                         HAS_RUNNING=running_mean is not None, BLOCK_N=STAT_ROWS,
-                                         BLOCK_C=STAT_CHANNELS, ACC=acc_tl)
+    grid, blocks = _stat_launch(n, c)
+    _se_bn_forward_kernel[grid](mean, var, z2, gate_scale, weight, bias, rm, rv, sig, scale, shift, mu, rstd,
+                                n, c, float(momentum), float(eps), count / (count - 1),
+                                HAS_RUNNING=running_mean is not None, **blocks, ACC=acc_tl)
     return sig, scale, shift, mu, rstd
 
 
@@ -375,9 +382,10 @@ def se_bn_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, var: Tensor, sig: 
     n, c = mean.shape
     grad_weight, grad_bias = mean.new_empty(c), mean.new_empty(c)
     grad_z2, p, q, r = (torch.empty_like(mean) for _ in range(4))
-    _se_bn_backward_kernel[_stat_grid(c)](g_sum, gu_c, mean, var, sig, gate_scale, mu, rstd, weight, grad_weight,
-                                          grad_bias, grad_z2, p, q, r, n, c, float(count), float(count // n),
-                                          BLOCK_N=STAT_ROWS, BLOCK_C=STAT_CHANNELS, ACC=_acc(mean.dtype)[1])
+    grid, blocks = _stat_launch(n, c)
+    _se_bn_backward_kernel[grid](g_sum, gu_c, mean, var, sig, gate_scale, mu, rstd, weight, grad_weight,
+                                 grad_bias, grad_z2, p, q, r, n, c, float(count), float(count // n),
+                                 **blocks, ACC=_acc(mean.dtype)[1])
     return grad_weight, grad_bias, grad_z2, p, q, r
 
 
@@ -427,9 +435,10 @@ def bn_stats(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, running_me
     mu, rstd = mean.new_empty(c), mean.new_empty(c)
     z = torch.empty_like(mean)
     rm, rv = _running(running_mean, running_var, mean)
-    _bn_stats_kernel[_stat_grid(c)](mean, var, weight, bias, rm, rv, mu, rstd, z, n, c, float(momentum), float(eps),
-                                    count / (count - 1), HAS_RUNNING=running_mean is not None, BLOCK_N=STAT_ROWS,
-                                    BLOCK_C=STAT_CHANNELS, ACC=_acc(mean.dtype)[1])
+    grid, blocks = _stat_launch(n, c)
+    _bn_stats_kernel[grid](mean, var, weight, bias, rm, rv, mu, rstd, z, n, c, float(momentum), float(eps),
+                           count / (count - 1), HAS_RUNNING=running_mean is not None, **blocks,
+                           ACC=_acc(mean.dtype)[1])
     return mu, rstd, z
 
 
@@ -459,8 +468,9 @@ def bn_se_scale(z2: Tensor, gate_scale: Tensor, mu: Tensor, rstd: Tensor, weight
     acc, acc_tl = _acc(rstd.dtype)
     z2 = z2.contiguous()
     sig, scale, shift = (torch.empty(n, c, device=z2.device, dtype=acc) for _ in range(3))
-    _bn_se_scale_kernel[_stat_grid(c)](z2, gate_scale, mu, rstd, weight, bias, sig, scale, shift, n, c,
-                                       BLOCK_N=STAT_ROWS, BLOCK_C=STAT_CHANNELS, ACC=acc_tl)
+    grid, blocks = _stat_launch(n, c)
+    _bn_se_scale_kernel[grid](z2, gate_scale, mu, rstd, weight, bias, sig, scale, shift, n, c,
+                              **blocks, ACC=acc_tl)
     return sig, scale, shift
 
 
@@ -490,8 +500,9 @@ def bn_se_gate_grad(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate
     """See :func:`composer_se.fused.torch_ops.bn_se_gate_grad`."""
     n, c = mean.shape
     grad_z2 = torch.empty_like(mean)
-    _bn_se_gate_grad_kernel[_stat_grid(c)](g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias, grad_z2, n, c,
-                                           BLOCK_N=STAT_ROWS, BLOCK_C=STAT_CHANNELS, ACC=_acc(mean.dtype)[1])
+    grid, blocks = _stat_launch(n, c)
+    _bn_se_gate_grad_kernel[grid](g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias, grad_z2, n, c,
+                                  **blocks, ACC=_acc(mean.dtype)[1])
     return grad_z2
 
 
@@ -535,12 +546,14 @@ def _bn_se_backward_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, gz_ptr, mu
 
 
 def bn_se_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate_scale: Tensor, grad_z: Tensor,
-                   mu: Tensor, rstd: Tensor, weight: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   mu: Tensor, rstd: Tensor, weight: Tensor,
+                   count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`composer_se.fused.torch_ops.bn_se_backward`."""
     n, c = mean.shape
     grad_weight, grad_bias, q = mean.new_empty(c), mean.new_empty(c), mean.new_empty(c)
     p, r = torch.empty_like(mean), torch.empty_like(mean)
-    _bn_se_backward_kernel[_stat_grid(c)](g_sum, gu_c, mean, sig, gate_scale, grad_z.contiguous(), mu, rstd, weight,
-                                          grad_weight, grad_bias, p, q, r, n, c, float(count), float(count // n),
-                                          BLOCK_N=STAT_ROWS, BLOCK_C=STAT_CHANNELS, ACC=_acc(mean.dtype)[1])
+    grid, blocks = _stat_launch(n, c)
+    _bn_se_backward_kernel[grid](g_sum, gu_c, mean, sig, gate_scale, grad_z.contiguous(), mu, rstd, weight,
+                                 grad_weight, grad_bias, p, q, r, n, c, float(count), float(count // n),
+                                 **blocks, ACC=_acc(mean.dtype)[1])
     return grad_weight, grad_bias, p, q, r
