@@ -126,6 +126,7 @@ class OptimizerConfig:
     name: str = 'decoupled_sgdw'  #: decoupled_sgdw | sgd | decoupled_adamw | adamw
     lr: float = MISSING
     momentum: float = 0.9  #: sgd-style optimizers
+    nesterov: bool = False  #: sgd-style optimizers: Nesterov momentum (needs momentum > 0)
     weight_decay: float = 0.0
     no_decay_norm_and_bias: bool = False  #: put norms and biases in a group without weight decay
 
@@ -136,15 +137,20 @@ class OptimizerConfig:
             raise RecipeError(f'optimizer.weight_decay must be >= 0, got {self.weight_decay}')
         if self.name in ('decoupled_sgdw', 'sgd') and not 0 <= self.momentum < 1:
             raise RecipeError(f'optimizer.momentum must be in [0, 1), got {self.momentum}')
+        if self.nesterov and self.name not in ('decoupled_sgdw', 'sgd'):
+            raise RecipeError(f'optimizer.nesterov applies to decoupled_sgdw and sgd, not {self.name!r}')
+        if self.nesterov and self.momentum <= 0:
+            raise RecipeError(f'optimizer.nesterov needs optimizer.momentum > 0, got {self.momentum}')
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = 'constant'  #: constant | multistep_with_warmup | cosine_decay_with_warmup
-    t_warmup: str = '0ba'
+    #: constant | multistep_with_warmup | cosine_decay_with_warmup | linear_decay_with_warmup
+    name: str = 'constant'
+    t_warmup: str = '0ba'  #: linear warm-up from 0 to the peak lr (0.2dur: a fifth of the run)
     milestones: list[str] = field(default_factory=list)  #: multistep_with_warmup
     gamma: float = 0.1  #: multistep_with_warmup
-    alpha_f: float = 0.0  #: cosine_decay_with_warmup: final lr as a fraction of the peak
+    alpha_f: float = 0.0  #: cosine_ and linear_decay_with_warmup: final lr as a fraction of the peak
 
     def validate(self) -> None:
         check_duration('scheduler.t_warmup', self.t_warmup, allow_zero=True, example='5ep or 500ba')

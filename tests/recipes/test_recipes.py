@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from composer.core import Callback
 
 from composer_se import SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
 from composer_se.recipes.builders import ALGORITHMS, build_algorithms
@@ -101,6 +102,9 @@ def test_cifar_resnet_sizes():
     (['optimizer.name=adam'], "unknown optimizer.name 'adam'"),
     (['optimizer.lr=-1'], 'optimizer.lr must be positive, got -1.0'),
     (['scheduler.name=cosine'], "unknown scheduler.name 'cosine'"),
+    (['optimizer.name=adamw', 'optimizer.nesterov=true'], "optimizer.nesterov applies to decoupled_sgdw and sgd, not "
+     "'adamw'"),
+    (['optimizer.nesterov=true', 'optimizer.momentum=0'], 'optimizer.nesterov needs optimizer.momentum > 0, got 0.0'),
     (['max_duration=10 epochs'], "max_duration must be a duration such as 4ep or 500ba, got '10 epochs'"),
     (['checkpoint.autoresume=true'], 'checkpoint.autoresume needs run_name and checkpoint.save_folder'),
     (['precision=fp8'], 'precision must be fp32, amp_fp16 or amp_bf16'),
@@ -173,6 +177,31 @@ def test_composes_with_composers_algorithms(tmp_path):
                      'SelectiveBackprop', 'SqueezeExcite']  # SE last: after BlurPool has replaced the strided convs
     blocks = se_blocks(trainer)
     assert len(blocks) == 7 and 'module.layer3.0.conv1.conv' in blocks  # inside BlurPool's BlurConv2d
+
+
+class _LearningRates(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def batch_start(self, state, logger):
+        self.seen.append(state.optimizers[0].param_groups[0]['lr'])
+
+
+def test_nesterov_momentum_and_the_linear_decay_schedule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(load_recipe(DEMO, [
+        *SHRINK, 'model.name=resnet20', 'optimizer.name=sgd', 'optimizer.nesterov=true', 'optimizer.lr=0.1',
+        'scheduler.name=linear_decay_with_warmup', 'scheduler.t_warmup=0.25dur', 'max_duration=8ba',
+        'data.synthetic_train_samples=64'
+    ]))
+    rates = _LearningRates()
+    trainer.state.callbacks.append(rates)
+    trainer.fit()
+    assert trainer.state.optimizers[0].param_groups[0]['nesterov'] is True
+    # Up from 0 to the peak over 2 of the 8 batches, then down towards 0 at batch 8; Composer steps the
+    # schedule after each batch, so batch t + 1 trains with the factor of time t.
+    factor = [t / 2 if t < 2 else 1 - (t - 2) / 6 for t in range(8)]
+    assert rates.seen == pytest.approx([0.0] + [0.1 * f for f in factor[:7]])
 
 
 def test_every_registered_algorithm_builds():
