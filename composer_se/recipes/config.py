@@ -65,6 +65,9 @@ def check_duration(key: str, value: str, units: tuple[str, ...] = INTERVAL_UNITS
 
 SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
 AUGMENTATIONS = ('cifar', 'imagenet')
+#: data.on_device holds the decoded images on the training device and implements only these
+ON_DEVICE_SOURCES = ('cifar10', 'imagefolder')
+ON_DEVICE_AUGMENTATIONS = ('cifar',)
 SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data.root (or data.local), not a path
 
 
@@ -94,8 +97,11 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     synthetic_train_samples: int = 2048  #: synthetic: sizes of the two splits
     synthetic_eval_samples: int = 512
-    num_workers: int = 0
+    num_workers: int = 0  #: dataloader worker processes (with on_device: processes that decode the images once)
     pin_memory: bool = False
+    #: cifar10 / imagefolder: decode every image once into a uint8 tensor on the training device, and crop, flip and
+    #: normalise each batch there (composer_se.recipes.data.on_device)
+    on_device: bool = False
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -105,6 +111,13 @@ class DataConfig:
         if self.augmentation not in AUGMENTATIONS:
             raise RecipeError(f'unknown data.augmentation {self.augmentation!r}; choose one of '
                               f'{", ".join(AUGMENTATIONS)}')
+        if self.on_device and self.source not in ON_DEVICE_SOURCES:
+            raise RecipeError(f'data.on_device=true needs data.source {" or ".join(ON_DEVICE_SOURCES)}, got '
+                              f'{self.source!r}; set data.on_device=false for this source')
+        if self.on_device and self.augmentation not in ON_DEVICE_AUGMENTATIONS:
+            raise RecipeError(f'data.on_device=true implements data.augmentation {", ".join(ON_DEVICE_AUGMENTATIONS)} '
+                              f'only (pad-4 crop and flip), got {self.augmentation!r}; set data.on_device=false for '
+                              f'the {self.augmentation} pipeline')
         for key in ('train_split', 'eval_split'):
             split = getattr(self, key)
             if split is not None and not SPLIT_NAME.match(split):
