@@ -19,7 +19,9 @@ SE_BLOCKS = {
     'resnet56_synthetic_demo.yaml': 19,
     'resnet50_imagenet.yaml': 22,
     'se_resnet50_imagenet.yaml': 16,  # one per bottleneck: the paper's placement
+    'resnet56_cifar10_fast.yaml': 19,
     'resnet56_cifar10_baseline.yaml': 0,
+    'resnet56_cifar10_fast_baseline.yaml': 0,
     'resnet50_imagenet_baseline.yaml': 0,
 }
 DEMO = str([path for path in YAMLS if path.name == 'resnet56_synthetic_demo.yaml'][0])
@@ -46,7 +48,11 @@ def test_every_recipe_builds_and_trains_a_few_batches(recipe, tmp_path, monkeypa
     config = load_recipe(recipe)
     assert isinstance(config, RecipeConfig) and config.run_name
     image_size = '64' if config.data.augmentation == 'imagenet' else '32'
-    trainer = fit(str(recipe), f'data.image_size={image_size}')
+    data = []
+    if config.data.on_device:  # images on the device: from a folder of 32x32 images instead of synthetic data
+        root = write_image_tree(tmp_path / 'images', splits=('train', 'test'), size=32)
+        data = ['data.source=imagefolder', f'data.root={root}']
+    trainer = fit(str(recipe), f'data.image_size={image_size}', *data)
     assert len(se_blocks(trainer)) == SE_BLOCKS[recipe.name]
     assert int(trainer.state.timestamp.batch) == 2
 
@@ -68,6 +74,20 @@ def test_recipes_hold_the_documented_hyperparameters():
     }
     baseline = load_recipe(str(YAMLS[0].parent / 'resnet50_imagenet_baseline.yaml'))
     assert 'squeeze_excite' not in baseline.algorithms and baseline.optimizer == imagenet.optimizer
+    fast = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast.yaml'))
+    assert (fast.max_duration, fast.global_batch_size, fast.data.source, fast.data.on_device) == ('35ep', 512,
+                                                                                                 'imagefolder', True)
+    optimizer = fast.optimizer
+    assert (optimizer.name, optimizer.lr, optimizer.nesterov, optimizer.weight_decay) == ('sgd', 0.4, True, 5e-4)
+    assert (fast.scheduler.name, fast.scheduler.t_warmup, fast.scheduler.alpha_f) == ('linear_decay_with_warmup',
+                                                                                      '0.15dur', 0.0)
+    assert fast.algorithms == {
+        'channels_last': {},
+        'label_smoothing': {'smoothing': 0.1},
+        'squeeze_excite': cifar.algorithms['squeeze_excite'],
+    }
+    fast_baseline = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast_baseline.yaml'))
+    assert 'squeeze_excite' not in fast_baseline.algorithms and fast_baseline.optimizer == fast.optimizer
 
 
 def test_cifar_resnet_sizes():
