@@ -22,8 +22,7 @@ from composer_se.recipes.data.loaders import NORMALIZATION, build_dataloader, re
 from composer_se.recipes.data.on_device import (DeviceBatches, build_device_dataloader, crop_and_flip, decode,
                                                 training_device)
 from composer_se.recipes.train import build_trainer, main
-from tests.recipes.helpers import ROOT, SHRINK, write_image_tree
-from tests.recipes.test_launcher import finish, fingerprints, launch
+from tests.recipes.helpers import ROOT, SHRINK, finish, fingerprints, launch, write_image_tree
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 FINAL_LINES = re.compile(r'^(trained .*|final eval accuracy: .*|final weights fingerprint: .*)$', re.M)
