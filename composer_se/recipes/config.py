@@ -98,7 +98,7 @@ class DataConfig:
     synthetic_train_samples: int = 2048  #: synthetic: sizes of the two splits
     synthetic_eval_samples: int = 512
     num_workers: int = 0  #: dataloader worker processes (with on_device: processes that decode the images once)
-    pin_memory: bool = False
+    pin_memory: bool = False  #: dataloaders copy batches through pinned memory (on_device copies no batches)
     #: cifar10 / imagefolder: decode every image once into a uint8 tensor on the training device, and crop, flip and
     #: normalise each batch there (composer_se.recipes.data.on_device)
     on_device: bool = False
