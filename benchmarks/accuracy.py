@@ -23,7 +23,8 @@ Output, in ``--out``: ``results.md`` (top-1 per seed, mean and standard deviatio
 SE minus baseline with a 95% confidence interval from Welch's t, time per epoch per arm),
 ``results.json`` (all of it, with every run's evaluation curve), ``accuracy_vs_time.png``
 (evaluation accuracy against seconds since each run's launch; needs matplotlib, as in
-``pip install 'composer-se[bench]'``) and ``logs/ARM-seedS.log`` (each run's output). The
+``pip install 'composer-se[bench]'``) and ``logs/ARM-seedS.log`` (each run's output; ``--logs``
+puts them elsewhere, and the JSON keeps the last lines of every run without a result). The
 evaluation curve comes from the run's output: each evaluation's top-1 is stamped with the
 time its line arrived. Time per epoch is the time from the start of ``fit`` (the line that
 reports the SE blocks) to the last evaluation, over the epochs trained: training and one
@@ -205,6 +206,7 @@ class Run:
     wall_s: Optional[float] = None
     seconds_per_epoch: Optional[float] = None
     curve: list[dict] = field(default_factory=list)  #: {'seconds', 'epoch', 'top1'} per evaluation
+    log_tail: list[str] = field(default_factory=list)  #: the last lines of its output, for a run without a result
 
     @property
     def name(self) -> str:
@@ -260,6 +262,7 @@ class Launched:
             run.status = 'failed'
             run.error = run.error or ('no final accuracy in its output' if run.returncode == 0 else
                                       f'exit status {run.returncode}; see {run.log}')
+            run.log_tail = _tail(run.log)
         return True
 
     def kill(self, reason: str) -> None:
@@ -271,6 +274,11 @@ class Launched:
         self.run.returncode = self.process.returncode
         self.run.wall_s = time.monotonic() - self.start
         self.run.error = reason
+        self.run.log_tail = _tail(self.run.log)
+
+
+def _tail(log: str, lines: int = 20) -> list[str]:
+    return Path(log).read_text(errors='replace').splitlines()[-lines:]
 
 
 def describe(run: Run) -> str:
@@ -418,6 +426,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     source.add_argument('--data', type=Path, help='CIFAR-10 as a folder holding train/<class>/ and test/<class>/')
     source.add_argument('--archive', type=Path, help='a .tar.gz of that folder, unpacked into a temporary folder')
     parser.add_argument('--out', type=Path, required=True, help='folder for the table, JSON, plot and logs')
+    parser.add_argument('--logs', type=Path, help='folder for the runs\' logs (default: OUT/logs)')
     parser.add_argument('--seeds', type=int, help='seeds per arm, 0 .. K-1, the same for both (default 3; 2 with '
                         '--dry-run)')
     parser.add_argument('--parallel', type=int, help='runs at a time (default: all on a GPU and with --dry-run, 1 on '
@@ -451,7 +460,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parallel = args.parallel or (2 * len(seeds) if on_gpu or args.dry_run else 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'logs').mkdir(exist_ok=True)
+    logs = args.logs or args.out / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix='accuracy-'))
     try:
         if args.data is not None:
@@ -467,7 +477,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise SystemExit(f'benchmarks/accuracy.py: {error}') from None
         runs = [
             Run(arm, seed, [sys.executable, '-m', 'composer_se.train', str(ARMS[arm]), f'seed={seed}',
-                            f'run_name={arm}-seed{seed}', *common], str(args.out / 'logs' / f'{arm}-seed{seed}.log'))
+                            f'run_name={arm}-seed{seed}', *common], str(logs / f'{arm}-seed{seed}.log'))
             for seed in seeds for arm in ARMS
         ]
         env = dict(os.environ, PYTHONUNBUFFERED='1')

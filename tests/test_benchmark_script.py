@@ -89,11 +89,13 @@ def test_accuracy_dry_run_writes_the_table_json_plot_and_logs(tmp_path):
 
 def test_accuracy_reports_failed_and_unfinished_runs_and_never_their_accuracy(tmp_path):
     failed = accuracy_script('--dry-run', '--seeds', '1', '--no-plot', '--extra', 'data.eval_split=missing', '--out',
-                             str(tmp_path / 'failed'))
+                             str(tmp_path / 'failed'), '--logs', str(tmp_path / 'logs'))
     assert failed.returncode == 1, failed.stderr[-3000:]
     report = json.loads((tmp_path / 'failed' / 'results.json').read_text())
     assert [run['status'] for run in report['runs']] == ['failed', 'failed']
-    assert all('missing does not exist' in run['error'] and run['top1'] is None for run in report['runs'])
+    for run in report['runs']:
+        assert 'missing does not exist' in run['error'] and run['top1'] is None
+        assert Path(run['log']).parent == tmp_path / 'logs' and 'missing does not exist' in run['log_tail'][-1]
     table = (tmp_path / 'failed' / 'results.md').read_text()
     assert '| 0 | failed | failed |' in table and 'SE − baseline: n/a' in table
     assert '- se-seed0: failed: split folder ' in table
