@@ -1,12 +1,15 @@
-"""benchmarks/overhead.py still runs, and its memory column shows what it should (timings are not checked)."""
+"""The benchmark scripts still run: overhead.py's memory column, fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
-
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +70,87 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
     assert checks['block, float32 ours: worst gradient vs float64'] < 1e-3
     assert '| ours block (fused) |' in (tmp_path / 'gpu_results.md').read_text()
     assert (tmp_path / 'gpu_profile.txt').read_text().count('## ') == 3
+
+# --- benchmarks/accuracy.py -------------------------------------------------------------------------------------
+
+CIFAR_JPEG = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+
+
+def accuracy_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'accuracy.py'), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_accuracy_dry_run_writes_the_table_json_plot_and_logs(tmp_path):
+    result = accuracy_script('--dry-run', '--out', str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / 'results.json').read_text())
+    runs = report['runs']
+    assert [(run['arm'], run['seed'], run['status']) for run in runs] == [
+        ('se', 0, 'finished'), ('baseline', 0, 'finished'), ('se', 1, 'finished'), ('baseline', 1, 'finished')
+    ]
+    for run in runs:
+        assert 0 <= run['top1'] <= 100 and run['epochs'] == 1 and run['seconds_per_epoch'] > 0
+        assert [point['epoch'] for point in run['curve']] == [1]  # one evaluation, after epoch 1
+        assert run['curve'][0]['top1'] == pytest.approx(run['top1'], abs=0.01)
+        assert 'final weights fingerprint' in Path(run['log']).read_text()
+        assert f'{run["arm"]}-seed{run["seed"]}: ' in result.stdout  # a progress line per run
+    assert report['torch'] == torch.__version__ and report['device'].startswith('CPU') and report['date']
+    summary = report['summary']
+    assert summary['arms']['se']['finished'] == summary['arms']['baseline']['finished'] == 2
+    difference = summary['se_minus_baseline']
+    assert difference['low'] <= difference['difference'] <= difference['high']
+    table = (tmp_path / 'results.md').read_text()
+    assert '| seed | baseline top-1 | SE top-1 |' in table and '| 1 | ' in table and "(Welch's t, " in table
+    assert (tmp_path / 'accuracy_vs_time.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_accuracy_reports_failed_and_unfinished_runs_and_never_their_accuracy(tmp_path):
+    failed = accuracy_script('--dry-run', '--seeds', '1', '--no-plot', '--extra', 'data.eval_split=missing', '--out',
+                             str(tmp_path / 'failed'), '--logs', str(tmp_path / 'logs'))
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    report = json.loads((tmp_path / 'failed' / 'results.json').read_text())
+    assert [run['status'] for run in report['runs']] == ['failed', 'failed']
+    for run in report['runs']:
+        assert 'missing does not exist' in run['error'] and run['top1'] is None
+        assert Path(run['log']).parent == tmp_path / 'logs' and 'missing does not exist' in run['log_tail'][-1]
+    table = (tmp_path / 'failed' / 'results.md').read_text()
+    assert '| 0 | failed | failed |' in table and 'SE − baseline: n/a' in table
+    assert '- se-seed0: failed: split folder ' in table
+
+    stopped = accuracy_script('--dry-run', '--seeds', '2', '--parallel', '2', '--no-plot', '--time-limit', '1', '--out',
+                              str(tmp_path / 'stopped'))
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    report = json.loads((tmp_path / 'stopped' / 'results.json').read_text())
+    assert [run['status'] for run in report['runs']] == ['unfinished', 'unfinished', 'not started', 'not started']
+    assert all(run['top1'] is None for run in report['runs'])
+    table = (tmp_path / 'stopped' / 'results.md').read_text()
+    assert 'se-seed0: unfinished: killed at the 1 s time limit' in table
+    assert 'se-seed1: not started: not launched: the 1 s time limit had passed' in table
+
+
+def test_accuracy_interval_is_welchs(monkeypatch):
+    spec = importlib.util.spec_from_file_location('accuracy', ROOT / 'benchmarks' / 'accuracy.py')
+    accuracy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, 'accuracy', accuracy)  # its dataclasses look their module up there
+    spec.loader.exec_module(accuracy)
+    # Student's t quantiles (tables): 4.303 (2 df), 2.776 (4), 2.228 (10), 1.960 (normal).
+    for df, quantile in ((2, 4.302653), (4, 2.776445), (10, 2.228139), (1e7, 1.959964)):
+        assert accuracy.t_quantile(0.975, df) == pytest.approx(quantile, abs=2e-6)
+    se, baseline = [93.1, 93.4, 92.9], [92.8, 92.7, 93.0]
+    interval = accuracy.welch_interval(se, baseline)
+    va, vb = 0.0633333 / 3, 0.0233333 / 3  # sample variances over n
+    df = (va + vb)**2 / (va**2 / 2 + vb**2 / 2)
+    assert interval['df'] == pytest.approx(df, rel=1e-4)
+    half = accuracy.t_quantile(0.975, df) * (va + vb)**0.5
+    assert (interval['low'], interval['high']) == pytest.approx((0.3 - half, 0.3 + half), rel=1e-4)
+
+
+@pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f'{CIFAR_JPEG} is not on this machine')
+def test_accuracy_dry_run_on_real_cifar10_images(tmp_path):
+    result = accuracy_script('--dry-run', '--archive', str(CIFAR_JPEG), '--seeds', '1', '--no-plot', '--out',
+                             str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / 'results.json').read_text())
+    assert [run['status'] for run in report['runs']] == ['finished', 'finished']
+    assert 'SE − baseline: n/a (needs at least 2 finished runs per arm)' in (tmp_path / 'results.md').read_text()

@@ -12,7 +12,7 @@ from composer import algorithms as ca
 from composer.core import Algorithm
 from composer.loggers import FileLogger, LoggerDestination
 from composer.optim import (ComposerScheduler, ConstantScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
-                            DecoupledSGDW, MultiStepWithWarmupScheduler)
+                            DecoupledSGDW, LinearWithWarmupScheduler, MultiStepWithWarmupScheduler)
 from torch import nn
 
 from composer_se.algorithm import SqueezeExcite
@@ -50,7 +50,7 @@ OPTIMIZERS = {
     'decoupled_adamw': DecoupledAdamW,
     'adamw': torch.optim.AdamW,
 }
-SCHEDULERS = ('constant', 'multistep_with_warmup', 'cosine_decay_with_warmup')
+SCHEDULERS = ('constant', 'multistep_with_warmup', 'cosine_decay_with_warmup', 'linear_decay_with_warmup')
 
 
 def _choice_error(what: str, value: str, choices) -> RecipeError:
@@ -73,6 +73,7 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
     kwargs: dict[str, Any] = {'lr': config.lr, 'weight_decay': config.weight_decay}
     if config.name in ('decoupled_sgdw', 'sgd'):
         kwargs['momentum'] = config.momentum
+        kwargs['nesterov'] = config.nesterov
     return OPTIMIZERS[config.name](params, **kwargs)
 
 
@@ -84,6 +85,8 @@ def build_scheduler(config: SchedulerConfig) -> ComposerScheduler:
                                             gamma=config.gamma)
     if config.name == 'cosine_decay_with_warmup':
         return CosineAnnealingWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+    if config.name == 'linear_decay_with_warmup':
+        return LinearWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
     raise _choice_error('scheduler.name', config.name, SCHEDULERS)
 
 

@@ -65,6 +65,9 @@ def check_duration(key: str, value: str, units: tuple[str, ...] = INTERVAL_UNITS
 
 SOURCES = ('cifar10', 'imagefolder', 'streaming', 'synthetic')
 AUGMENTATIONS = ('cifar', 'imagenet')
+#: data.on_device holds the decoded images on the training device and implements only these
+ON_DEVICE_SOURCES = ('cifar10', 'imagefolder')
+ON_DEVICE_AUGMENTATIONS = ('cifar',)
 SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data.root (or data.local), not a path
 
 
@@ -94,8 +97,11 @@ class DataConfig:
     max_eval_samples: Optional[int] = None
     synthetic_train_samples: int = 2048  #: synthetic: sizes of the two splits
     synthetic_eval_samples: int = 512
-    num_workers: int = 0
-    pin_memory: bool = False
+    num_workers: int = 0  #: dataloader worker processes (with on_device: processes that decode the images once)
+    pin_memory: bool = False  #: dataloaders copy batches through pinned memory (on_device copies no batches)
+    #: cifar10 / imagefolder: decode every image once into a uint8 tensor on the training device, and crop, flip and
+    #: normalise each batch there (composer_se.recipes.data.on_device)
+    on_device: bool = False
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -105,6 +111,13 @@ class DataConfig:
         if self.augmentation not in AUGMENTATIONS:
             raise RecipeError(f'unknown data.augmentation {self.augmentation!r}; choose one of '
                               f'{", ".join(AUGMENTATIONS)}')
+        if self.on_device and self.source not in ON_DEVICE_SOURCES:
+            raise RecipeError(f'data.on_device=true needs data.source {" or ".join(ON_DEVICE_SOURCES)}, got '
+                              f'{self.source!r}; set data.on_device=false for this source')
+        if self.on_device and self.augmentation not in ON_DEVICE_AUGMENTATIONS:
+            raise RecipeError(f'data.on_device=true implements data.augmentation {", ".join(ON_DEVICE_AUGMENTATIONS)} '
+                              f'only (pad-4 crop and flip), got {self.augmentation!r}; set data.on_device=false for '
+                              f'the {self.augmentation} pipeline')
         for key in ('train_split', 'eval_split'):
             split = getattr(self, key)
             if split is not None and not SPLIT_NAME.match(split):
@@ -126,6 +139,7 @@ class OptimizerConfig:
     name: str = 'decoupled_sgdw'  #: decoupled_sgdw | sgd | decoupled_adamw | adamw
     lr: float = MISSING
     momentum: float = 0.9  #: sgd-style optimizers
+    nesterov: bool = False  #: sgd-style optimizers: Nesterov momentum (needs momentum > 0)
     weight_decay: float = 0.0
     no_decay_norm_and_bias: bool = False  #: put norms and biases in a group without weight decay
 
@@ -136,15 +150,20 @@ class OptimizerConfig:
             raise RecipeError(f'optimizer.weight_decay must be >= 0, got {self.weight_decay}')
         if self.name in ('decoupled_sgdw', 'sgd') and not 0 <= self.momentum < 1:
             raise RecipeError(f'optimizer.momentum must be in [0, 1), got {self.momentum}')
+        if self.nesterov and self.name not in ('decoupled_sgdw', 'sgd'):
+            raise RecipeError(f'optimizer.nesterov applies to decoupled_sgdw and sgd, not {self.name!r}')
+        if self.nesterov and self.momentum <= 0:
+            raise RecipeError(f'optimizer.nesterov needs optimizer.momentum > 0, got {self.momentum}')
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = 'constant'  #: constant | multistep_with_warmup | cosine_decay_with_warmup
-    t_warmup: str = '0ba'
+    #: constant | multistep_with_warmup | cosine_decay_with_warmup | linear_decay_with_warmup
+    name: str = 'constant'
+    t_warmup: str = '0ba'  #: linear warm-up from 0 to the peak lr (0.2dur: a fifth of the run)
     milestones: list[str] = field(default_factory=list)  #: multistep_with_warmup
     gamma: float = 0.1  #: multistep_with_warmup
-    alpha_f: float = 0.0  #: cosine_decay_with_warmup: final lr as a fraction of the peak
+    alpha_f: float = 0.0  #: cosine_ and linear_decay_with_warmup: final lr as a fraction of the peak
 
     def validate(self) -> None:
         check_duration('scheduler.t_warmup', self.t_warmup, allow_zero=True, example='5ep or 500ba')

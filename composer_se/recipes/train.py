@@ -34,9 +34,11 @@ from composer.utils import dist, format_name_with_dist, reproducibility
 
 from composer_se.algorithm import SqueezeExcite
 from composer_se.layers import SqueezeExcite2d
-from composer_se.recipes.builders import build_algorithms, build_loggers, build_optimizer, build_scheduler
+from composer_se.recipes.builders import (ALGORITHMS, build_algorithms, build_loggers, build_optimizer,
+                                         build_scheduler)
 from composer_se.recipes.config import RecipeConfig, RecipeError, load_recipe
 from composer_se.recipes.data.loaders import DataError, build_dataloader
+from composer_se.recipes.data.on_device import EpochFromTimestamp, build_device_dataloader, training_device
 from composer_se.recipes.models import build_model
 from composer_se.recipes.resume import checkpoint_files, composer_loads_safely, prepare_autoresume
 from composer_se.state_dicts import CheckpointError
@@ -82,6 +84,15 @@ def _prepare_save_folder(config: RecipeConfig) -> Optional[str]:
     return resumed
 
 
+def _dataset_algorithms(algorithms: list) -> list[str]:
+    """Recipe names of the algorithms that add a PIL transform to the training dataset.
+
+    RandAugment and AugMix always do; ColOut does with ``batch=False``.
+    """
+    return [name for name in ('randaugment', 'augmix', 'colout') for algorithm in algorithms
+            if type(algorithm) is ALGORITHMS[name] and not getattr(algorithm, 'batch', False)]
+
+
 def build_trainer(config: RecipeConfig) -> Trainer:
     """A Composer ``Trainer`` for ``config``.
 
@@ -97,6 +108,10 @@ def build_trainer(config: RecipeConfig) -> Trainer:
             'cifar10', 'imagefolder'):
         raise RecipeError(f'randaugment and augmix transform images in the dataset; they need data.source cifar10 or '
                           f'imagefolder, not {config.data.source}')
+    in_dataset = _dataset_algorithms(algorithms)
+    if config.data.on_device and in_dataset:
+        raise RecipeError(f'{", ".join(in_dataset)} transform PIL images in a torch dataset, which data.on_device=true '
+                          f'does not have; set data.on_device=false to use them')
     reproducibility.seed_all(config.seed)
     if dist.get_world_size() > 1 and not dist.is_initialized():
         dist.initialize_dist(device)
@@ -106,8 +121,15 @@ def build_trainer(config: RecipeConfig) -> Trainer:
     else:
         source = f'checkpoint.load_path {config.checkpoint.load_path}'
     model = build_model(config.model)
-    train = build_dataloader(config.data, config.model.num_classes, True, config.global_batch_size, config.seed)
-    evaluation = build_dataloader(config.data, config.model.num_classes, False, config.eval_batch_size, config.seed)
+    if config.data.on_device:
+        data, num_classes, on_device = config.data, config.model.num_classes, training_device(device)
+        train = build_device_dataloader(data, num_classes, True, config.global_batch_size, config.seed, on_device)
+        evaluation = build_device_dataloader(data, num_classes, False, config.eval_batch_size, config.seed, on_device)
+        callbacks = [EpochFromTimestamp()]
+    else:
+        train = build_dataloader(config.data, config.model.num_classes, True, config.global_batch_size, config.seed)
+        evaluation = build_dataloader(config.data, config.model.num_classes, False, config.eval_batch_size, config.seed)
+        callbacks = []
     se = [repr(a).removeprefix('composer_se.') for a in algorithms if isinstance(a, SqueezeExcite)]
     try:
         optimizer = build_optimizer(config.optimizer, model)
@@ -123,6 +145,7 @@ def build_trainer(config: RecipeConfig) -> Trainer:
                 schedulers=scheduler,
                 algorithms=algorithms,
                 loggers=build_loggers(config.loggers),
+                callbacks=callbacks,
                 progress_bar=config.loggers.progress_bar,
                 log_to_console=not config.loggers.progress_bar,
                 run_name=config.run_name,
@@ -184,6 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RecipeError, CheckpointError) as error:
         print(f'{rank}composer_se.train: error: {error}', file=sys.stderr)
         return 2
+    except DataError as error:  # data.on_device reads every image before training
+        print(f'{rank}composer_se.train: error: {_one_line(error)}', file=sys.stderr, flush=True)
+        return 1
     blocks = [m for m in trainer.state.model.modules() if isinstance(m, SqueezeExcite2d)]
     added = sum(p.numel() for block in blocks for p in block.parameters())
     print(f'{rank}SqueezeExcite: {len(blocks)} SE blocks ({added:,} parameters)', flush=True)

@@ -1,7 +1,11 @@
-"""Helpers for the recipe tests: shrinking overrides and tiny on-disk datasets."""
+"""Helpers for the recipe tests: shrinking overrides, tiny on-disk datasets, runs through the launcher."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted((ROOT / 'yamls').glob('*.yaml'))
+COMPOSER = str(Path(sys.executable).with_name('composer'))
 
 #: Overrides that shrink any recipe to a few CPU batches of synthetic data.
 SHRINK = [
@@ -50,3 +55,23 @@ def write_mds(root: Path, splits=('train', 'val'), per_split=32, size=16, num_la
                 pixels = rng.integers(0, 100, (size, size, 3)) + 150 * label
                 writer.write({'x': Image.fromarray(pixels.astype(np.uint8)), 'y': label})
     return root
+
+
+def launch(args: list[str], cwd: Path, processes: int = 1, **kwargs) -> subprocess.Popen:
+    command = [COMPOSER, '-n', str(processes), '--stdout', str(cwd / 'rank{rank}.stdout'), '--stderr',
+               str(cwd / 'rank{rank}.stderr'), '-m', 'composer_se.train', *args]
+    env = dict(os.environ)
+    if processes > 1:  # each process would start a thread per core: oversubscribed, several times slower
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            **kwargs)
+
+
+def finish(process: subprocess.Popen, timeout: int = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def fingerprints(text: str) -> list[str]:
+    return re.findall(r'final weights fingerprint: ([0-9a-f]{16})', text)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -14,32 +12,11 @@ from pathlib import Path
 import pytest
 
 from composer_se.recipes.train import main
-from tests.recipes.helpers import ROOT, SHRINK, write_mds
+from tests.recipes.helpers import ROOT, SHRINK, finish, fingerprints, launch, write_mds
 
 DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
-COMPOSER = str(Path(sys.executable).with_name('composer'))
 CIFAR_JPEG = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'eval_interval=1ep']
-
-
-def launch(args: list[str], cwd: Path, processes: int = 1, **kwargs) -> subprocess.Popen:
-    command = [COMPOSER, '-n', str(processes), '--stdout', str(cwd / 'rank{rank}.stdout'), '--stderr',
-               str(cwd / 'rank{rank}.stderr'), '-m', 'composer_se.train', *args]
-    env = dict(os.environ)
-    if processes > 1:  # each process would start a thread per core: oversubscribed, several times slower
-        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            **kwargs)
-
-
-def finish(process: subprocess.Popen, timeout: int = 300) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-def fingerprints(text: str) -> list[str]:
-    return re.findall(r'final weights fingerprint: ([0-9a-f]{16})', text)
 
 
 def test_two_processes_apply_se_on_both_ranks_and_agree(tmp_path):

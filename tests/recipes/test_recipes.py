@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from composer.core import Callback
 
 from composer_se import SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
 from composer_se.recipes.builders import ALGORITHMS, build_algorithms
@@ -18,7 +19,9 @@ SE_BLOCKS = {
     'resnet56_synthetic_demo.yaml': 19,
     'resnet50_imagenet.yaml': 22,
     'se_resnet50_imagenet.yaml': 16,  # one per bottleneck: the paper's placement
+    'resnet56_cifar10_fast.yaml': 19,
     'resnet56_cifar10_baseline.yaml': 0,
+    'resnet56_cifar10_fast_baseline.yaml': 0,
     'resnet50_imagenet_baseline.yaml': 0,
 }
 DEMO = str([path for path in YAMLS if path.name == 'resnet56_synthetic_demo.yaml'][0])
@@ -45,7 +48,11 @@ def test_every_recipe_builds_and_trains_a_few_batches(recipe, tmp_path, monkeypa
     config = load_recipe(recipe)
     assert isinstance(config, RecipeConfig) and config.run_name
     image_size = '64' if config.data.augmentation == 'imagenet' else '32'
-    trainer = fit(str(recipe), f'data.image_size={image_size}')
+    data = []
+    if config.data.on_device:  # images on the device: from a folder of 32x32 images instead of synthetic data
+        root = write_image_tree(tmp_path / 'images', splits=('train', 'test'), size=32)
+        data = ['data.source=imagefolder', f'data.root={root}']
+    trainer = fit(str(recipe), f'data.image_size={image_size}', *data)
     assert len(se_blocks(trainer)) == SE_BLOCKS[recipe.name]
     assert int(trainer.state.timestamp.batch) == 2
 
@@ -67,6 +74,20 @@ def test_recipes_hold_the_documented_hyperparameters():
     }
     baseline = load_recipe(str(YAMLS[0].parent / 'resnet50_imagenet_baseline.yaml'))
     assert 'squeeze_excite' not in baseline.algorithms and baseline.optimizer == imagenet.optimizer
+    fast = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast.yaml'))
+    assert (fast.max_duration, fast.global_batch_size, fast.data.source, fast.data.on_device) == ('35ep', 512,
+                                                                                                 'imagefolder', True)
+    optimizer = fast.optimizer
+    assert (optimizer.name, optimizer.lr, optimizer.nesterov, optimizer.weight_decay) == ('sgd', 0.4, True, 5e-4)
+    assert (fast.scheduler.name, fast.scheduler.t_warmup, fast.scheduler.alpha_f) == ('linear_decay_with_warmup',
+                                                                                      '0.15dur', 0.0)
+    assert fast.algorithms == {
+        'channels_last': {},
+        'label_smoothing': {'smoothing': 0.1},
+        'squeeze_excite': cifar.algorithms['squeeze_excite'],
+    }
+    fast_baseline = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast_baseline.yaml'))
+    assert 'squeeze_excite' not in fast_baseline.algorithms and fast_baseline.optimizer == fast.optimizer
 
 
 def test_cifar_resnet_sizes():
@@ -101,6 +122,9 @@ def test_cifar_resnet_sizes():
     (['optimizer.name=adam'], "unknown optimizer.name 'adam'"),
     (['optimizer.lr=-1'], 'optimizer.lr must be positive, got -1.0'),
     (['scheduler.name=cosine'], "unknown scheduler.name 'cosine'"),
+    (['optimizer.name=adamw', 'optimizer.nesterov=true'], "optimizer.nesterov applies to decoupled_sgdw and sgd, not "
+     "'adamw'"),
+    (['optimizer.nesterov=true', 'optimizer.momentum=0'], 'optimizer.nesterov needs optimizer.momentum > 0, got 0.0'),
     (['max_duration=10 epochs'], "max_duration must be a duration such as 4ep or 500ba, got '10 epochs'"),
     (['checkpoint.autoresume=true'], 'checkpoint.autoresume needs run_name and checkpoint.save_folder'),
     (['precision=fp8'], 'precision must be fp32, amp_fp16 or amp_bf16'),
@@ -173,6 +197,31 @@ def test_composes_with_composers_algorithms(tmp_path):
                      'SelectiveBackprop', 'SqueezeExcite']  # SE last: after BlurPool has replaced the strided convs
     blocks = se_blocks(trainer)
     assert len(blocks) == 7 and 'module.layer3.0.conv1.conv' in blocks  # inside BlurPool's BlurConv2d
+
+
+class _LearningRates(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def batch_start(self, state, logger):
+        self.seen.append(state.optimizers[0].param_groups[0]['lr'])
+
+
+def test_nesterov_momentum_and_the_linear_decay_schedule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(load_recipe(DEMO, [
+        *SHRINK, 'model.name=resnet20', 'optimizer.name=sgd', 'optimizer.nesterov=true', 'optimizer.lr=0.1',
+        'scheduler.name=linear_decay_with_warmup', 'scheduler.t_warmup=0.25dur', 'max_duration=8ba',
+        'data.synthetic_train_samples=64'
+    ]))
+    rates = _LearningRates()
+    trainer.state.callbacks.append(rates)
+    trainer.fit()
+    assert trainer.state.optimizers[0].param_groups[0]['nesterov'] is True
+    # Up from 0 to the peak over 2 of the 8 batches, then down towards 0 at batch 8; Composer steps the
+    # schedule after each batch, so batch t + 1 trains with the factor of time t.
+    factor = [t / 2 if t < 2 else 1 - (t - 2) / 6 for t in range(8)]
+    assert rates.seen == pytest.approx([0.0] + [0.1 * f for f in factor[:7]])
 
 
 def test_every_registered_algorithm_builds():

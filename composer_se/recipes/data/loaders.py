@@ -14,7 +14,9 @@ Augmentation, chosen by ``data.augmentation``:
 
 Both end with ``ToTensor`` and a per-channel normalisation. The pipeline is a
 ``torchvision.transforms.Compose`` whose PIL stage ends at ``ToTensor``: that is where
-Composer's RandAugment and AugMix insert their PIL transforms.
+Composer's RandAugment and AugMix insert their PIL transforms. With ``data.on_device``,
+``cifar10`` and ``imagefolder`` images are instead decoded once onto the training device
+and the ``cifar`` pipeline runs there on whole batches (:mod:`.on_device`).
 
 Bad data stops the run with a message naming what to fix. Before training (a
 :class:`~composer_se.recipes.config.RecipeError`): a missing folder or split, a split without
@@ -45,7 +47,8 @@ from torchvision.transforms import v2
 from composer_se.recipes.config import AUGMENTATIONS, SOURCES, DataConfig, RecipeError
 from composer_se.recipes.data.synthetic import SyntheticImages
 
-__all__ = ['SOURCES', 'DataError', 'build_dataloader', 'build_dataset', 'build_transform', 'read_image']
+__all__ = ['SOURCES', 'DataError', 'build_dataloader', 'build_dataset', 'build_transform', 'image_dataset',
+           'per_process_batch', 'read_image']
 
 NORMALIZATION = {
     'cifar': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -211,6 +214,14 @@ def _limit(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
     return Subset(dataset, keep)
 
 
+def image_dataset(config: DataConfig, num_classes: int, train: bool, seed: int,
+                  transform: Optional[Callable]) -> datasets.CIFAR10 | datasets.ImageFolder:
+    """The ``cifar10`` or ``imagefolder`` split of ``config``, with ``transform``, cut to ``data.max_*_samples``."""
+    reader = _cifar10 if config.source == 'cifar10' else _image_folder
+    dataset = reader(config, train, transform, num_classes)
+    return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)  # type: ignore
+
+
 def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size: int, seed: int) -> Dataset:
     """The training or evaluation dataset of ``config``."""
     if config.source == 'streaming':
@@ -219,22 +230,25 @@ def build_dataset(config: DataConfig, num_classes: int, train: bool, batch_size:
     if config.source == 'synthetic':
         samples = config.synthetic_train_samples if train else config.synthetic_eval_samples
         offset = 0 if train else config.synthetic_train_samples
-        dataset: Dataset = SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
-                                           offset=offset)
-    else:
-        transform = build_transform(config.augmentation, config.image_size, train)
-        reader = _cifar10 if config.source == 'cifar10' else _image_folder
-        dataset = reader(config, train, transform, num_classes)
-    return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)
+        dataset = SyntheticImages(samples, num_classes, (3, config.image_size, config.image_size), seed=seed,
+                                  offset=offset)
+        return _limit(dataset, config.max_train_samples if train else config.max_eval_samples, seed)
+    return image_dataset(config, num_classes, train, seed, build_transform(config.augmentation, config.image_size,
+                                                                           train))
 
 
-def build_dataloader(config: DataConfig, num_classes: int, train: bool, global_batch_size: int, seed: int) -> DataSpec:
-    """A dataloader over this process's share of the data, for a global batch of ``global_batch_size``."""
+def per_process_batch(global_batch_size: int) -> int:
+    """Each process's share of a global batch; refuses one that the processes cannot share equally."""
     world_size = dist.get_world_size()
     if global_batch_size % world_size:
         raise RecipeError(f'the global batch size {global_batch_size} must be a positive multiple of the number of '
                           f'processes ({world_size})')
-    batch_size = global_batch_size // world_size
+    return global_batch_size // world_size
+
+
+def build_dataloader(config: DataConfig, num_classes: int, train: bool, global_batch_size: int, seed: int) -> DataSpec:
+    """A dataloader over this process's share of the data, for a global batch of ``global_batch_size``."""
+    batch_size = per_process_batch(global_batch_size)
     dataset = build_dataset(config, num_classes, train, batch_size, seed)
     sampler = None
     if not isinstance(dataset, torch.utils.data.IterableDataset):  # StreamingImages splits the data itself
