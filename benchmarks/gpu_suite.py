@@ -303,6 +303,24 @@ def part_kernels(sizes: Sizes) -> dict:
             kind: {'ms': 1e3 * statistics.median(values), 'GB/s': floor[kind] / statistics.median(values) / 1e9}
             for kind, values in times.items()
         }
+    if device == 'cuda':  # how the folded forward + backward depends on the activation kernels' tiles
+        from composer_se.fused import triton_ops
+        defaults = triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS
+        sweep = {}
+        try:
+            for tile in (2048, 4096, 8192):
+                for channels in (64, 128, 256):
+                    triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = tile, channels
+                    fn = variants['SE then BN (folded)']
+                    for _ in range(2):
+                        fn().backward(g)
+                    with Timer(device) as timer:
+                        for _ in range(sizes.steps):
+                            fn().backward(g)
+                    sweep[f'TILE={tile} MAX_TILE_CHANNELS={channels}'] = 1e3 * timer.seconds / sizes.steps
+        finally:
+            triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = defaults
+        result['tile sweep, SE then BN forward+backward ms'] = sweep
     return result
 
 
@@ -441,9 +459,12 @@ def markdown(results: dict) -> str:
         lines += [f"## One activation {tuple(k['shape'])}, bf16 channels_last", '',
                   '| function | forward ms | GB/s | forward+backward ms | GB/s |', '|---|---|---|---|---|']
         for name, v in k.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and 'forward' in v:
                 lines.append(f"| {name} | {v['forward']['ms']:.3f} | {v['forward']['GB/s']:.0f} | "
                              f"{v['forward+backward']['ms']:.3f} | {v['forward+backward']['GB/s']:.0f} |")
+        if 'tile sweep, SE then BN forward+backward ms' in k:
+            lines += ['', 'Tile sweep (SE then BN, forward + backward, ms): ' + ', '.join(
+                f'{name}: {ms:.3f}' for name, ms in k['tile sweep, SE then BN forward+backward ms'].items())]
         lines.append('')
     for part, title in (('resnet50', 'ResNet-50, eager, bf16 autocast, channels_last'),
                         ('compiled', 'ResNet-50 under torch.compile, training'),
