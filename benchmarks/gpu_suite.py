@@ -207,7 +207,20 @@ class Bench:
 
 
 def part_correctness(sizes: Sizes) -> dict:
-    """Ours and SE in plain operations, each in float32 against float64; kernels against float64."""
+    """Ours and SE in plain operations, each in float32 against float64; kernels against float64.
+
+    TF32 is turned off for the float32 models (cuDNN and cuBLAS use it by default for
+    float32 convs and matrix products, which would swamp the comparison).
+    """
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _correctness(sizes)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _correctness(sizes: Sizes) -> dict:
     device = sizes.device
     torch.manual_seed(0)
     checks = {}

@@ -46,7 +46,7 @@ Tensor = torch.Tensor
 
 #: Elements in one tile of the activation (per program and loop step), and the most
 #: channels a channels_last tile spans.
-TILE = 4096
+TILE = 8192
 MAX_TILE_CHANNELS = 128
 #: Elements in one tile of the (N, C) kernels, and the most batch rows it spans: a program
 #: owns a few channels and walks the batch in as few steps as possible, since those
