@@ -65,8 +65,11 @@ class SqueezeExciteReport:
 
     ``skipped`` lists, as ``(name, reason)``, the modules that the channel and name
     rules selected but that got no new block: those that already have one (ours or
-    Composer's), and subclasses of ``Conv2d`` or ``BatchNorm2d``, whose own ``forward``
-    the conversion would drop.
+    Composer's), convs inside an SE or attention module of the network (the reason
+    names its type, e.g. ``'inside an SE or attention module (SqueezeExcitation)'``) or,
+    for ``placement='block'``, branch ends of residual blocks that hold one, and
+    subclasses of ``Conv2d`` or ``BatchNorm2d``, whose own ``forward`` the conversion
+    would drop.
     """
 
     added: tuple[AddedBlock, ...]
@@ -163,6 +166,8 @@ class Selection:
 
 
 _CONVERTIBLE = {nn.Conv2d: SqueezeExciteConv2d, nn.BatchNorm2d: SqueezeExciteBatchNorm2d}
+#: the reason in ``SqueezeExciteReport.skipped`` for a module that has a block already
+ALREADY_HAS_A_BLOCK = 'already has an SE block'
 
 
 def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -> Selection:
@@ -187,7 +192,10 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
         name, module = site.names[0], site.module
         # Composer's own SqueezeExciteConv2d marks the conv it wraps with _already_squeeze_excited.
         if isinstance(module, tuple(_CONVERTIBLE.values())) or getattr(module, '_already_squeeze_excited', False):
-            selection.skipped.append((name, 'already has an SE block'))
+            selection.skipped.append((name, ALREADY_HAS_A_BLOCK))
+        elif site.attention is not None:
+            where = 'inside' if settings.placement == 'conv' else 'in a residual block that already has'
+            selection.skipped.append((name, f'{where} an SE or attention module ({site.attention})'))
         elif type(module) not in _CONVERTIBLE:
             selection.skipped.append((name, f'is a {type(module).__name__}, not exactly a Conv2d or BatchNorm2d'))
             selection.unsupported.append(f'{name} ({type(module).__name__})')
@@ -236,9 +244,26 @@ def apply_squeeze_excite(
     :class:`~composer_se.layers.SqueezeExciteBatchNorm2d` in place, so its parameters
     keep their names and identity (``layer1.0.conv1.weight`` stays; the block's
     parameters are ``layer1.0.conv1.se.*``), hooks and shared uses survive, and a
-    module that appears several times in the tree gets one block. Applying again adds
-    nothing where a block already is. Everything is checked and built before the model
-    is touched: on error the model and the optimizers are as they were.
+    module that appears several times in the tree gets one block. Everything is checked
+    and built before the model is touched: on error the model and the optimizers are as
+    they were.
+
+    No block goes on a conv inside an SE or attention module the network already has
+    (torchvision's ``SqueezeExcitation`` in EfficientNet, MobileNetV3 and RegNetY; timm's
+    SE, ECA, CBAM, split-attention, ... modules; see
+    :func:`~composer_se.placement.register_attention_module`), and ``placement='block'``
+    skips residual blocks that hold one. Such modules are listed in the report's
+    ``skipped`` with the type of the module that holds them.
+
+    Applying again is idempotent and, as in Composer, a second application is a silent
+    no-op: modules that already have a block (ours, or Composer's
+    ``SqueezeExciteConv2d``) are skipped, and when nothing was added because of that, no
+    warning is given (not even the one for subclasses, which the first application
+    gave). A :class:`~composer.algorithms.warnings.NoEffectWarning` means the call did
+    nothing on a model that had no block where these settings put one: the model has no
+    candidate module, none passed the channel and name rules (the message names the
+    largest channel count), or every one that passed was skipped for another reason
+    (inside an SE or attention module, a subclass); the message says which.
 
     The SE arguments are those of
     :class:`~composer_se.settings.SqueezeExciteSettings`, which documents each; pass

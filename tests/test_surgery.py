@@ -200,6 +200,45 @@ def test_conv_subclasses_are_skipped_with_a_warning():
     assert report.names == ['1'] and report.skipped[0][0] == '0' and type(model[0]) is StdConv
 
 
+@pytest.mark.parametrize('name, inside', [('efficientnet_b0', 14), ('mobilenet_v3_small', 8), ('regnet_y_400mf', 12)])
+def test_no_block_inside_the_networks_own_se_modules(name, inside):
+    # At the default min_channels=128, these SE modules' fc2 convs (C/4 -> C) qualify by channels.
+    model = torchvision.models.get_model(name)
+    report = apply_squeeze_excite(model, latent_channels=8)
+    skipped = [n for n, reason in report.skipped if reason == 'inside an SE or attention module (SqueezeExcitation)']
+    assert len(skipped) == len(report.skipped) == inside and report.num_blocks > 0
+    for holder in model.modules():
+        if isinstance(holder, torchvision.ops.misc.SqueezeExcitation):
+            assert type(holder.fc1) is type(holder.fc2) is nn.Conv2d
+    assert not set(skipped) & set(report.names)
+
+
+def test_a_user_attention_module_registers_in_one_line():
+    from composer_se import register_attention_module
+    from composer_se import placement
+
+    class SpatialGate(nn.Module):
+
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, channels, 1)
+
+        def forward(self, x):
+            return x * self.conv(x).sigmoid()
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SpatialGate(8))
+    assert apply_squeeze_excite(copy.deepcopy(model), 2, 8).names == ['0', '1.conv']
+    register_attention_module(SpatialGate)
+    try:
+        report = apply_squeeze_excite(model, 2, 8)
+        assert report.names == ['0'] and report.skipped == (('1.conv', 'inside an SE or attention module '
+                                                                        '(SpatialGate)'),)
+        with pytest.raises(TypeError, match="module_type must be a torch.nn.Module subclass, got 'SpatialGate'"):
+            register_attention_module('SpatialGate')
+    finally:
+        del placement._ATTENTION[SpatialGate]
+
+
 def test_no_conv_is_a_no_effect_warning():
     with pytest.warns(NoEffectWarning, match='has no torch.nn.Conv2d'):
         assert apply_squeeze_excite(nn.Linear(3, 3)).num_blocks == 0
