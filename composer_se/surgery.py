@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -321,8 +322,10 @@ def apply_squeeze_excite(
         TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``.
 
     Warns:
-        NoEffectWarning: no block was added.
-        UserWarning: a selected module is a subclass (of ``Conv2d``, say) and was skipped.
+        NoEffectWarning: no block was added, and none of the selected modules had one
+            already (a re-application is silent; see above).
+        UserWarning: a selected module is a subclass (of ``Conv2d``, say) and was
+            skipped (not on a silent re-application).
 
     Example:
         >>> import torch, torchvision
@@ -390,14 +393,15 @@ def _commit(planned: PlannedBlock) -> None:
 
 def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExciteSettings,
             fold_unavailable: Optional[str]) -> SqueezeExciteReport:
-    """The report, and the warnings for skipped subclasses and for no block added."""
-    if selection.unsupported:
+    """The report, and the warnings: skipped subclasses, no block added; none for a re-application."""
+    reapplied = not plan and any(reason == ALREADY_HAS_A_BLOCK for _, reason in selection.skipped)
+    if selection.unsupported and not reapplied:
         warnings.warn(
             f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
             f'would drop: {", ".join(selection.unsupported)}',
             UserWarning,
         )
-    if not plan:
+    if not plan and not reapplied:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
     return SqueezeExciteReport(
         added=tuple(planned.added for planned in plan),
@@ -411,8 +415,11 @@ def _no_effect_message(selection: Selection, settings: SqueezeExciteSettings) ->
     if not selection.sites:
         return f'SqueezeExcite added no block: the model has no {what}.'
     if selection.skipped:
-        skipped = selection.skipped
-        return f'SqueezeExcite added no block: the {len(skipped)} selected modules were skipped ({skipped[0][1]}, ...).'
+        reasons = Counter(reason for _, reason in selection.skipped)
+        shown = '; '.join(f'{reason}: {count}' for reason, count in reasons.most_common(3))
+        more = f'; and {len(reasons) - 3} other reasons' if len(reasons) > 3 else ''
+        return (f'SqueezeExcite added no block: all {len(selection.skipped)} modules that passed the channel and name '
+                f'rules were skipped: {shown}{more}.')
     widest = max(site.channels for site in selection.sites)
     return (
         f'SqueezeExcite added no block: no {what} passed the name patterns with at least '
