@@ -84,7 +84,10 @@ def _plan(args: argparse.Namespace) -> str:
         height, width = args.input_size[0], args.input_size[-1]
     else:
         height = width = size
-    with torch.device('meta'):
+    try:
+        with torch.device('meta'):  # no weights allocated or initialised
+            model = build_module(model_config)
+    except NotImplementedError:  # a constructor that reads tensor values (torchvision's RegNets) needs real ones
         model = build_module(model_config)
     plan = plan_squeeze_excite(model, (height, width), bytes_per_element=DTYPE_BYTES[args.dtype], settings=settings)
     return format_plan(plan, args.format)
