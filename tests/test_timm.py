@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import subprocess
 import sys
 from functools import partial
@@ -188,3 +189,13 @@ def test_block_placement_leaves_blocks_that_already_have_se_alone():
         report = apply_squeeze_excite(timm.create_model('seresnet18'), 1 / 16, 1, placement='block')
     assert report.num_blocks == 0 and report.skipped[0] == (
         'layer1.0.bn2', 'in a residual block that already has an SE or attention module (SEModule)')
+
+
+def test_composer_se_plan_takes_a_timm_model(capsys):
+    from composer_se.recipes.cli import main
+    assert main(['plan', 'timm/efficientnet_b0', '--min-channels', '512', '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['totals']['blocks'] == 15 and all(row['folded_into'] for row in document['rows'])
+    assert {entry['reason'] for entry in document['skipped']} == {'inside an SE or attention module (SqueezeExcite)'}
+    assert main(['plan', 'timm/efficientnet_b9']) == 2
+    assert "unknown model.name 'timm/efficientnet_b9': timm has no model" in capsys.readouterr().err

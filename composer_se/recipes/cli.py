@@ -41,11 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         "recipe's squeeze_excite entry when MODEL is a recipe, else from SqueezeExcite's defaults.",
     )
     plan.add_argument('model', help='a torchvision classification model (resnet50, ...), resnet20/resnet56/resnet110, '
-                      'or a recipe YAML file')
+                      'a timm model as timm/<name> (timm/efficientnet_b0, ...; needs timm), or a recipe YAML file')
     plan.add_argument('--input-size', type=int, nargs='+', metavar='PIXELS',
                       help='image height (and width); default: the recipe\'s data.image_size, else 224')
     plan.add_argument('--num-classes', type=int, help='classifier outputs (default: the recipe\'s, else 1000 for '
-                      'torchvision models and 10 for CIFAR ResNets)')
+                      'torchvision and timm models and 10 for CIFAR ResNets)')
     plan.add_argument('--latent-channels', type=_number,
                       help=f'hidden width, or a fraction such as 1/16 (default {DEFAULTS.latent_channels})')
     plan.add_argument('--min-channels', type=int, help=f'minimum channels of a module that gets SE '
