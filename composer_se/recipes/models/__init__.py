@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 
+import torch
 import torchvision
 from composer.models import ComposerClassifier
 from torch import nn
@@ -14,7 +16,7 @@ from composer_se.recipes.models.cifar_resnet import DEPTHS, BasicBlock, CIFARRes
 from composer_se.recipes.safe_load import read_checkpoint
 from composer_se.state_dicts import CheckpointError
 
-__all__ = ['TIMM_PREFIX', 'BasicBlock', 'CIFARResNet', 'build_model', 'cifar_resnet', 'model_names']
+__all__ = ['TIMM_PREFIX', 'BasicBlock', 'CIFARResNet', 'build_model', 'build_skeleton', 'cifar_resnet', 'model_names']
 
 CIFAR_NAMES = {f'resnet{depth}': depth for depth in DEPTHS}
 #: ``model.name: timm/<name>`` builds ``timm.create_model(<name>)`` (timm is the optional extra ``composer-se[timm]``)
@@ -44,6 +46,21 @@ def build_module(config: ModelConfig) -> nn.Module:
     if config.weights:
         _load_weights(module, config.weights)
     return module
+
+
+def build_skeleton(config: ModelConfig) -> nn.Module:
+    """The model named by ``config`` for its shapes only (``config.weights`` is not read), as the planner needs it.
+
+    Built on the ``meta`` device, so no weight is allocated or initialised; a
+    constructor that reads tensor values (torchvision's RegNets compute their widths
+    with tensors) runs on the CPU instead.
+    """
+    config = dataclasses.replace(config, weights=None)
+    try:
+        with torch.device('meta'):
+            return build_module(config)
+    except NotImplementedError:  # "Cannot copy out of meta tensor": the constructor needs real tensors
+        return build_module(config)
 
 
 def _timm_model(name: str, num_classes: int) -> nn.Module:
