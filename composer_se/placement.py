@@ -74,6 +74,11 @@ TIMM_RESIDUAL_BLOCKS = (('timm.models.resnet', 'BasicBlock', 'bn2'), ('timm.mode
 _timm_registered = False
 
 
+def _check_module_type(argument: str, value: object) -> None:
+    if not (isinstance(value, type) and issubclass(value, nn.Module)):
+        raise TypeError(f'{argument} must be a torch.nn.Module subclass, got {value!r}')
+
+
 def register_residual_block(block_type: type, branch_end: str) -> None:
     """Tells ``placement='block'`` where the residual branch of ``block_type`` ends.
 
@@ -95,8 +100,7 @@ def register_residual_block(block_type: type, branch_end: str) -> None:
         ...         return x + self.branch(x)
         >>> register_residual_block(MyBlock, 'branch.1')
     """
-    if not (isinstance(block_type, type) and issubclass(block_type, nn.Module)):
-        raise TypeError(f'block_type must be a torch.nn.Module subclass, got {block_type!r}')
+    _check_module_type('block_type', block_type)
     if not isinstance(branch_end, str) or not branch_end:
         raise ValueError(f'branch_end must be the dotted name of a submodule, such as "bn3", got {branch_end!r}')
     _BRANCH_ENDS[block_type] = branch_end
@@ -121,18 +125,20 @@ def register_attention_module(module_type: type) -> None:
         module_type (type): a ``torch.nn.Module`` subclass (its subclasses are covered too).
 
     Example:
-        >>> from torch import nn
+        >>> import torch
+        >>> from composer_se import apply_squeeze_excite
         >>> from composer_se.placement import register_attention_module
-        >>> class SpatialGate(nn.Module):
+        >>> class Gate(torch.nn.Module):
         ...     def __init__(self, channels):
         ...         super().__init__()
-        ...         self.conv = nn.Conv2d(channels, 1, 7, padding=3)
+        ...         self.fc = torch.nn.Conv2d(channels, channels, 1)
         ...     def forward(self, x):
-        ...         return x * self.conv(x).sigmoid()
-        >>> register_attention_module(SpatialGate)
+        ...         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        >>> register_attention_module(Gate)
+        >>> apply_squeeze_excite(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Gate(8)), 4, 8).skipped
+        (('1.fc', 'inside an SE or attention module (Gate)'),)
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f'module_type must be a torch.nn.Module subclass, got {module_type!r}')
+    _check_module_type('module_type', module_type)
     _ATTENTION[module_type] = None
 
 

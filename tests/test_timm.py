@@ -18,6 +18,7 @@ from torch import nn
 from composer_se import SqueezeExciteConv2d, apply_squeeze_excite
 from composer_se.folding import can_fold
 from composer_se.placement import TIMM_ATTENTION_MODULES, registered_attention_modules, registered_blocks
+from tests.helpers import assert_steps_match
 
 timm = pytest.importorskip('timm')
 from timm.layers import BatchNormAct2d  # noqa: E402
@@ -125,18 +126,8 @@ def test_batch_norm_act_folds_and_matches_se_then_batch_norm_act_in_float64(kwar
     assert set(names) <= {name for name, _ in model.named_parameters()}
     assert model.state_dict().keys() == plain.state_dict().keys()
 
-    for step in range(3):
-        x = torch.randn(4, 3, 6, 5, dtype=torch.float64) * (step + 1)
-        torch.manual_seed(step)
-        out = model(x)
-        torch.manual_seed(step)
-        expected = plain(x)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-        weights = torch.randn_like(out)
-        (out * weights).sum().backward()
-        (expected * weights).sum().backward()
-        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    inputs = [torch.randn(4, 3, 6, 5, dtype=torch.float64) * (step + 1) for step in range(3)]
+    assert_steps_match(model, plain, inputs, rtol=1e-10, atol=1e-12, grad_rtol=1e-9, grad_atol=1e-12)
     torch.testing.assert_close(model.state_dict(), plain.state_dict(), rtol=1e-10, atol=1e-12)  # running statistics
     model.eval(), plain.eval()
     x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
