@@ -102,9 +102,13 @@ ZOO = [
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Equal up to float64 rounding, magnified by BatchNorms over few values (1x1 maps at the end of a network)."""
+    """Equal up to float64 rounding, magnified by BatchNorms over few values (1x1 maps at the end of a network).
+
+    Relative to the tensor's largest value; the absolute floor is for gradients that are
+    zero but for rounding (of a BatchNorm's bias when another BatchNorm follows).
+    """
     scale = float(expected.abs().max()) if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7 * scale + 1e-12, msg=lambda m: f'{what}: {m}')
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7 * scale + 1e-10, msg=lambda m: f'{what}: {m}')
 
 
 def assert_drop_in(model: nn.Module, size: int, min_channels: int):
@@ -154,8 +158,9 @@ def assert_drop_in(model: nn.Module, size: int, min_channels: int):
         for key, p in model.get_submodule(name).se.named_parameters():
             assert id(p) in decay and not torch.equal(p, se_before[id(p)]), f'{name}.se.{key}'
 
-    # Eval mode, eager and scripted.
+    # Eval mode (running statistics, so one image will do), eager and scripted.
     model.eval(), plain.eval()
+    x = x[:1]
     with torch.no_grad():
         expected = model(x)
         close(expected, plain(x), 'eval outputs')
