@@ -9,7 +9,6 @@ import pytest
 import torch
 import torchvision
 from composer import Trainer
-from composer.algorithms.warnings import NoEffectWarning
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader
