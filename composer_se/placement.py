@@ -35,6 +35,7 @@ from composer_se.settings import PLACEMENTS
 
 __all__ = [
     'TIMM_ATTENTION_MODULES',
+    'TIMM_RESIDUAL_BLOCKS',
     'Site',
     'find_sites',
     'register_attention_module',

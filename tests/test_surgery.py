@@ -207,8 +207,9 @@ def test_conv_subclasses_are_skipped_with_a_warning():
 
 
 def test_nothing_but_subclasses_selected_is_a_no_effect_warning_that_says_why():
-    with pytest.warns(NoEffectWarning, match=r'all 1 modules that passed the channel and name rules were skipped: '
-                      r'is a StdConv, not exactly a Conv2d or BatchNorm2d: 1'):
+    with pytest.warns(UserWarning, match=r'0 \(StdConv\)'), \
+            pytest.warns(NoEffectWarning, match=r'all 1 modules that passed the channel and name rules were skipped: '
+                         r'is a StdConv, not exactly a Conv2d or BatchNorm2d: 1'):
         apply_squeeze_excite(nn.Sequential(StdConv(3, 8, 3), nn.Conv2d(8, 4, 1)), latent_channels=2, min_channels=8)
 
 
