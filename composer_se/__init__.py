@@ -28,6 +28,7 @@ __all__ = [
     'SqueezeExciteReport',
     'SqueezeExciteSettings',
     'apply_squeeze_excite',
+    'register_attention_module',
     'register_residual_block',
 ]
 
@@ -43,6 +44,7 @@ _HOMES = {
     'SqueezeExciteReport': 'composer_se.surgery',
     'SqueezeExciteSettings': 'composer_se.settings',
     'apply_squeeze_excite': 'composer_se.surgery',
+    'register_attention_module': 'composer_se.placement',
     'register_residual_block': 'composer_se.placement',
 }
 

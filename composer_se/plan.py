@@ -2,8 +2,8 @@
 
 :func:`plan_squeeze_excite` applies the same rules as
 :func:`~composer_se.surgery.apply_squeeze_excite` (it calls the same selection code)
-to a model, runs the model once on a ``meta`` tensor to learn every feature map's
-size, and returns a :class:`Plan`: one :class:`PlanRow` per SE block, totals against
+to a model, runs the model once, in training mode, on a ``meta`` tensor to learn every
+feature map's size, and returns a :class:`Plan`: one :class:`PlanRow` per SE block, totals against
 the unmodified model, and the method card's advice for choosing ``min_channels``.
 It works on a copy of the model whose weights are ``meta`` tensors: no weight is
 copied, no activation is allocated and nothing is computed, so it is instant even for
@@ -47,6 +47,7 @@ from composer_se.surgery import network_of, select_sites
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
 
 FORMATS = ('table', 'markdown', 'json')
+_BATCH = 2  #: images in the planner's meta batch; FLOPs and traffic grow linearly with it
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Plan:
     #: min_channels -> (blocks, parameters added), for each distinct site width
     candidates: dict[int, tuple[int, int]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: (name, reason) of the modules that passed the channel and name rules but would get no block, as in
+    #: the surgery report: inside an SE or attention module of the network, already with a block, a subclass
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def params(self) -> int:
@@ -130,8 +134,11 @@ def plan_squeeze_excite(
     """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
 
     ``model`` is not changed: the planner works on a copy on the ``meta`` device. For a
-    ``ComposerClassifier``, it plans the network inside, as the algorithm does. Its
-    input is a batch of one 3-channel image of ``input_size`` (height, width).
+    ``ComposerClassifier``, it plans the network inside, as the algorithm does. It runs
+    the copy in training mode, as SE trains, so that branches used only in training
+    (Inception's and GoogLeNet's auxiliary classifiers) are planned too, on a batch of
+    two 3-channel images of ``input_size`` (height, width; two, so that BatchNorm sees
+    more than one value per channel); the figures are per image.
     ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16. The SE
     arguments are :func:`~composer_se.surgery.apply_squeeze_excite`'s, one by one or
     as ``settings``.
@@ -142,7 +149,7 @@ def plan_squeeze_excite(
         raise ValueError(f'bytes_per_element must be 1, 2, 4 or 8, got {bytes_per_element!r}')
     settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
                              exclude=exclude, placement=placement, fold_batchnorm=fold_batchnorm)
-    meta = _meta_copy(network_of(model)).eval()
+    meta = _meta_copy(network_of(model)).train()
     selection = select_sites(meta, settings)
     folds = fold_targets(meta, [site.module for site, _ in selection.chosen] if settings.folds else [])[0]
     names = {id(module): name for name, module in meta.named_modules()}
@@ -161,7 +168,11 @@ def plan_squeeze_excite(
     hooks = [module.register_forward_hook(record) for module in meta.modules()]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            meta(torch.empty(1, 3, *input_size, device='meta'))
+            meta(torch.empty(_BATCH, 3, *input_size, device='meta'))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f'{type(meta).__name__} does not run on {input_size[0]}x{input_size[1]} images in training '
+                         f'mode ({reason}); plan it at another input size') from error
     finally:
         for hook in hooks:
             hook.remove()
@@ -191,8 +202,9 @@ def plan_squeeze_excite(
         ))
 
     # The same rules at each distinct width as min_channels (patterns and existing blocks included):
-    # select once with no channel bound; each threshold keeps the sites at least that wide.
-    widths = sorted({site.channels for site in selection.sites})
+    # select once with no channel bound; each threshold keeps the sites at least that wide. Convs
+    # inside the network's SE or attention modules never get a block, so their widths are no choice.
+    widths = sorted({site.channels for site in selection.sites if site.attention is None})
     unbounded = select_sites(meta, dataclasses.replace(settings, min_channels=1)).chosen
     candidates = {}
     for threshold in widths:
@@ -203,8 +215,8 @@ def plan_squeeze_excite(
         input_size=(int(input_size[0]), int(input_size[1])),
         bytes_per_element=bytes_per_element,
         model_params=sum(p.numel() for p in meta.parameters()),
-        model_flops=int(counter.get_total_flops()),
-        model_traffic_bytes=traffic,
+        model_flops=int(counter.get_total_flops()) // _BATCH,
+        model_traffic_bytes=traffic // _BATCH,
         largest_channels=widths[-1] if widths else 0,
         candidates=candidates,
         settings={
@@ -215,6 +227,7 @@ def plan_squeeze_excite(
             'placement': settings.placement,
             'fold_batchnorm': settings.fold_batchnorm,
         },
+        skipped=list(selection.skipped),
     )
 
 
@@ -248,6 +261,7 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         document['candidates'] = {str(k): {'blocks': v[0], 'params': v[1]} for k, v in plan.candidates.items()}
         document['totals'] = {'blocks': len(plan.rows), 'params': plan.params, 'flops': plan.flops,
                               'traffic_bytes': plan.traffic_bytes, 'saved_bytes': plan.saved_bytes}
+        document['skipped'] = [{'name': name, 'reason': reason} for name, reason in plan.skipped]
         return json.dumps(document, indent=2)
     markdown = style == 'markdown'
     header = ['module', 'in->out', 'HxW', 'hidden', 'params', 'FLOPs', 'traffic (bytes)', 'kept (bytes)', 'folded into']
@@ -266,6 +280,12 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         f'{sum(row.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after their '
         f'conv, and the blocks keep {plan.saved_bytes:,} bytes of activations for backward.',
         '',
+    ]
+    if plan.skipped:
+        lines += [f'{len(plan.skipped)} selected modules get no block:', '']
+        lines += _table(['module', 'reason'], [list(entry) for entry in plan.skipped], markdown)
+        lines += ['']
+    lines += [
         _advice(plan),
         '',
     ]

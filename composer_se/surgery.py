@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -65,8 +66,11 @@ class SqueezeExciteReport:
 
     ``skipped`` lists, as ``(name, reason)``, the modules that the channel and name
     rules selected but that got no new block: those that already have one (ours or
-    Composer's), and subclasses of ``Conv2d`` or ``BatchNorm2d``, whose own ``forward``
-    the conversion would drop.
+    Composer's), convs inside an SE or attention module of the network (the reason
+    names its type, e.g. ``'inside an SE or attention module (SqueezeExcitation)'``) or,
+    for ``placement='block'``, branch ends of residual blocks that hold one, and
+    subclasses of ``Conv2d`` or ``BatchNorm2d``, whose own ``forward`` the conversion
+    would drop.
     """
 
     added: tuple[AddedBlock, ...]
@@ -163,6 +167,8 @@ class Selection:
 
 
 _CONVERTIBLE = {nn.Conv2d: SqueezeExciteConv2d, nn.BatchNorm2d: SqueezeExciteBatchNorm2d}
+#: the reason in ``SqueezeExciteReport.skipped`` for a module that has a block already
+ALREADY_HAS_A_BLOCK = 'already has an SE block'
 
 
 def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -> Selection:
@@ -187,7 +193,10 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
         name, module = site.names[0], site.module
         # Composer's own SqueezeExciteConv2d marks the conv it wraps with _already_squeeze_excited.
         if isinstance(module, tuple(_CONVERTIBLE.values())) or getattr(module, '_already_squeeze_excited', False):
-            selection.skipped.append((name, 'already has an SE block'))
+            selection.skipped.append((name, ALREADY_HAS_A_BLOCK))
+        elif site.attention is not None:
+            where = 'inside' if settings.placement == 'conv' else 'in a residual block that already has'
+            selection.skipped.append((name, f'{where} an SE or attention module ({site.attention})'))
         elif type(module) not in _CONVERTIBLE:
             selection.skipped.append((name, f'is a {type(module).__name__}, not exactly a Conv2d or BatchNorm2d'))
             selection.unsupported.append(f'{name} ({type(module).__name__})')
@@ -236,9 +245,26 @@ def apply_squeeze_excite(
     :class:`~composer_se.layers.SqueezeExciteBatchNorm2d` in place, so its parameters
     keep their names and identity (``layer1.0.conv1.weight`` stays; the block's
     parameters are ``layer1.0.conv1.se.*``), hooks and shared uses survive, and a
-    module that appears several times in the tree gets one block. Applying again adds
-    nothing where a block already is. Everything is checked and built before the model
-    is touched: on error the model and the optimizers are as they were.
+    module that appears several times in the tree gets one block. Everything is checked
+    and built before the model is touched: on error the model and the optimizers are as
+    they were.
+
+    No block goes on a conv inside an SE or attention module the network already has
+    (torchvision's ``SqueezeExcitation`` in EfficientNet, MobileNetV3 and RegNetY; timm's
+    SE, ECA, CBAM, split-attention, ... modules; see
+    :func:`~composer_se.placement.register_attention_module`), and ``placement='block'``
+    skips residual blocks that hold one. Such modules are listed in the report's
+    ``skipped`` with the type of the module that holds them.
+
+    Applying again is idempotent and, as in Composer, a second application is a silent
+    no-op: modules that already have a block (ours, or Composer's
+    ``SqueezeExciteConv2d``) are skipped, and when nothing was added because of that, no
+    warning is given (not even the one for subclasses, which the first application
+    gave). A :class:`~composer.algorithms.warnings.NoEffectWarning` means the call did
+    nothing on a model that had no block where these settings put one: the model has no
+    candidate module, none passed the channel and name rules (the message names the
+    largest channel count), or every one that passed was skipped for another reason
+    (inside an SE or attention module, a subclass); the message says which.
 
     The SE arguments are those of
     :class:`~composer_se.settings.SqueezeExciteSettings`, which documents each; pass
@@ -296,8 +322,10 @@ def apply_squeeze_excite(
         TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``.
 
     Warns:
-        NoEffectWarning: no block was added.
-        UserWarning: a selected module is a subclass (of ``Conv2d``, say) and was skipped.
+        NoEffectWarning: no block was added, and none of the selected modules had one
+            already (a re-application is silent; see above).
+        UserWarning: a selected module is a subclass (of ``Conv2d``, say) and was
+            skipped (not on a silent re-application).
 
     Example:
         >>> import torch, torchvision
@@ -365,14 +393,15 @@ def _commit(planned: PlannedBlock) -> None:
 
 def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExciteSettings,
             fold_unavailable: Optional[str]) -> SqueezeExciteReport:
-    """The report, and the warnings for skipped subclasses and for no block added."""
-    if selection.unsupported:
+    """The report, and the warnings: skipped subclasses, no block added; none for a re-application."""
+    reapplied = not plan and any(reason == ALREADY_HAS_A_BLOCK for _, reason in selection.skipped)
+    if selection.unsupported and not reapplied:
         warnings.warn(
             f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
             f'would drop: {", ".join(selection.unsupported)}',
             UserWarning,
         )
-    if not plan:
+    if not plan and not reapplied:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
     return SqueezeExciteReport(
         added=tuple(planned.added for planned in plan),
@@ -386,8 +415,11 @@ def _no_effect_message(selection: Selection, settings: SqueezeExciteSettings) ->
     if not selection.sites:
         return f'SqueezeExcite added no block: the model has no {what}.'
     if selection.skipped:
-        skipped = selection.skipped
-        return f'SqueezeExcite added no block: the {len(skipped)} selected modules were skipped ({skipped[0][1]}, ...).'
+        reasons = Counter(reason for _, reason in selection.skipped)
+        shown = '; '.join(f'{reason}: {count}' for reason, count in reasons.most_common(3))
+        more = f'; and {len(reasons) - 3} other reasons' if len(reasons) > 3 else ''
+        return (f'SqueezeExcite added no block: all {len(selection.skipped)} modules that passed the channel and name '
+                f'rules were skipped: {shown}{more}.')
     widest = max(site.channels for site in selection.sites)
     return (
         f'SqueezeExcite added no block: no {what} passed the name patterns with at least '

@@ -58,3 +58,20 @@ def make_trainer(algorithms=(), groups=False, **kwargs) -> Trainer:
         log_to_console=False,
         **kwargs,
     )
+
+
+def assert_steps_match(model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor], rtol: float, atol: float,
+                       grad_rtol: float, grad_atol: float) -> None:
+    """Each input through both models from the same random state (the same dropout masks), then backward through a
+    loss that depends on every output: the same outputs and, parameter by parameter, the same gradients."""
+    for step, x in enumerate(inputs):
+        torch.manual_seed(step)
+        out = model(x)
+        torch.manual_seed(step)
+        expected = reference(x)
+        torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward()
+        (expected * weights).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=grad_rtol, atol=grad_atol, msg=name)

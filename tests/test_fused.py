@@ -14,6 +14,7 @@ from composer_se import apply_squeeze_excite
 from composer_se.fused.function import _SqueezeExciteBatchNorm
 from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
+from tests.helpers import assert_steps_match
 
 
 def stack(channels: int = 8, depth: int = 3) -> nn.Sequential:
@@ -78,15 +79,9 @@ def test_folded_matches_se_then_batchnorm_in_training_and_eval(channels_last, in
                 m[3].se.fc2.bias.copy_(torch.tensor([-30.0, -8, -1, 0, 1, 2, 3, 4]))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     folded, plain = folded.to(memory_format=memory_format), plain.to(memory_format=memory_format)
-    for step in range(3):
-        x = torch.randn(4, 3, 9, 7).to(memory_format=memory_format)
-        out_f, out_p = folded(x), plain(x)
-        torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
-        weights = torch.randn_like(out_f)
-        (out_f * weights).sum().backward()
-        (out_p * weights).sum().backward()
-        for (name, p), q in zip(folded.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    inputs = [torch.randn(4, 3, 9, 7).to(memory_format=memory_format) for _ in range(3)]
+    assert_steps_match(folded, plain, inputs, rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=1e-5)
+    x = inputs[-1]
     torch.testing.assert_close(folded.state_dict(), plain.state_dict(), rtol=1e-5, atol=1e-6)
     assert folded[:2](x).is_contiguous(memory_format=memory_format)  # conv + folded BN, training
     plain[:2](x)  # the same running-statistics update

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torchvision
 from composer import Trainer
-from composer.algorithms.warnings import NoEffectWarning
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader
@@ -85,8 +85,10 @@ def test_identity_init_names_idempotency_with_blocks():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
     missing, unexpected = model.load_state_dict(saved, strict=False)
     assert unexpected == [] and missing and all('.bn3.se.' in key for key in missing)
-    with pytest.warns(NoEffectWarning, match='already has an SE block'):
-        assert apply_squeeze_excite(model, 1 / 16, 1, placement='block').num_blocks == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # applying again is a silent no-op
+        again = apply_squeeze_excite(model, 1 / 16, 1, placement='block')
+    assert again.num_blocks == 0 and len(again.skipped) == 16
 
 
 def test_se_parameters_join_the_group_of_the_branchs_last_conv_not_the_norms():

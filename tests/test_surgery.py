@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import composer.functional as cf
 import pytest
@@ -169,9 +170,11 @@ def test_a_second_application_adds_nothing():
     first = apply_squeeze_excite(model, latent_channels=16, min_channels=256, optimizers=opt)
     keys = list(model.state_dict())
     n_opt = len(opt.param_groups[0]['params'])
-    with pytest.warns(NoEffectWarning, match='already has an SE block'):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # Composer's convention: applying again is a silent no-op
         second = apply_squeeze_excite(model, latent_channels=16, min_channels=256, optimizers=opt)
     assert first.num_blocks == 10 and second.num_blocks == 0 and len(second.skipped) == 10
+    assert set(second.skipped) == {(name, 'already has an SE block') for name in first.names}
     assert list(model.state_dict()) == keys and len(opt.param_groups[0]['params']) == n_opt
     # A wider selection afterwards adds only the new convs.
     third = apply_squeeze_excite(model, latent_channels=16, min_channels=128, optimizers=opt)
@@ -187,17 +190,74 @@ def test_convs_that_composer_already_wrapped_are_left_alone():
     assert ('layer4.0.conv2.conv', 'already has an SE block') in report.skipped
 
 
+class StdConv(nn.Conv2d):
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
 def test_conv_subclasses_are_skipped_with_a_warning():
-
-    class StdConv(nn.Conv2d):
-
-        def forward(self, x):
-            return super().forward(x) * 2
-
     model = nn.Sequential(StdConv(3, 8, 3), nn.Conv2d(8, 8, 3))
     with pytest.warns(UserWarning, match=r'0 \(StdConv\)'):
         report = apply_squeeze_excite(model, latent_channels=2, min_channels=8)
     assert report.names == ['1'] and report.skipped[0][0] == '0' and type(model[0]) is StdConv
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the first application said so; applying again is silent
+        assert apply_squeeze_excite(model, latent_channels=2, min_channels=8).num_blocks == 0
+
+
+def test_nothing_but_subclasses_selected_is_a_no_effect_warning_that_says_why():
+    with pytest.warns(UserWarning, match=r'0 \(StdConv\)'), \
+            pytest.warns(NoEffectWarning, match=r'all 1 modules that passed the channel and name rules were skipped: '
+                         r'is a StdConv, not exactly a Conv2d or BatchNorm2d: 1'):
+        apply_squeeze_excite(nn.Sequential(StdConv(3, 8, 3), nn.Conv2d(8, 4, 1)), latent_channels=2, min_channels=8)
+
+
+@pytest.mark.parametrize('name, inside', [('efficientnet_b0', 14), ('mobilenet_v3_small', 8), ('regnet_y_400mf', 12)])
+def test_no_block_inside_the_networks_own_se_modules(name, inside):
+    # At the default min_channels=128, these SE modules' fc2 convs (C/4 -> C) qualify by channels.
+    model = torchvision.models.get_model(name)
+    report = apply_squeeze_excite(model, latent_channels=8)
+    skipped = [n for n, reason in report.skipped if reason == 'inside an SE or attention module (SqueezeExcitation)']
+    assert len(skipped) == len(report.skipped) == inside and report.num_blocks > 0
+    for holder in model.modules():
+        if isinstance(holder, torchvision.ops.misc.SqueezeExcitation):
+            assert type(holder.fc1) is type(holder.fc2) is nn.Conv2d
+    assert not set(skipped) & set(report.names)
+
+
+def test_a_model_whose_selected_convs_all_sit_in_se_modules_warns_that_nothing_was_added():
+    se = torchvision.ops.misc.SqueezeExcitation(64, 16)
+    with pytest.warns(NoEffectWarning, match=r'skipped: inside an SE or attention module \(SqueezeExcitation\): 1'):
+        report = apply_squeeze_excite(nn.Sequential(nn.Conv2d(3, 64, 3), se), latent_channels=4, min_channels=64,
+                                      exclude='0')
+    assert report.skipped == (('1.fc2', 'inside an SE or attention module (SqueezeExcitation)'),)
+
+
+def test_a_user_attention_module_registers_in_one_line():
+    from composer_se import register_attention_module
+    from composer_se import placement
+
+    class SpatialGate(nn.Module):
+
+        def __init__(self, channels):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, channels, 1)
+
+        def forward(self, x):
+            return x * self.conv(x).sigmoid()
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SpatialGate(8))
+    assert apply_squeeze_excite(copy.deepcopy(model), 2, 8).names == ['0', '1.conv']
+    register_attention_module(SpatialGate)
+    try:
+        report = apply_squeeze_excite(model, 2, 8)
+        assert report.names == ['0'] and report.skipped == (('1.conv', 'inside an SE or attention module '
+                                                                        '(SpatialGate)'),)
+        with pytest.raises(TypeError, match="module_type must be a torch.nn.Module subclass, got 'SpatialGate'"):
+            register_attention_module('SpatialGate')
+    finally:
+        del placement._ATTENTION[SpatialGate]
 
 
 def test_no_conv_is_a_no_effect_warning():

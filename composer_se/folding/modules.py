@@ -1,6 +1,13 @@
-"""The folded module: a ``BatchNorm2d`` that applies the SE block of the conv feeding it."""
+"""The folded module: a ``BatchNorm2d`` that applies the SE block of the conv feeding it.
+
+timm's ``BatchNormAct2d`` has its folded twin in :mod:`composer_se.folding.norm_act`,
+which imports timm and is loaded only when such a norm is folded.
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Optional
 
 import torch
 from torch import nn
@@ -9,7 +16,7 @@ from composer_se.fused import affine, squeeze_excite_batch_norm
 from composer_se.layers import SqueezeExciteConv2d
 from composer_se.layers.norm import ScriptableBatchNorm2d
 
-__all__ = ['FoldedSqueezeExciteBatchNorm2d', 'broken_folds', 'can_fold', 'fold_into_batch_norm_']
+__all__ = ['FoldedSqueezeExciteBatchNorm2d', 'broken_folds', 'can_fold', 'fold_into_batch_norm_', 'folded_type']
 
 
 class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
@@ -36,6 +43,10 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
     __jit_ignored_attributes__ = ['_folded_se']  # a reference to the conv's block, used only in eager mode
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._squeeze_excite_normalise(input)
+
+    def _squeeze_excite_normalise(self, input: torch.Tensor) -> torch.Tensor:
+        """``norm(se(input))``: the folded pass, or plain normalisation where the conv applied its block."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return self._normalise(input)  # the conv applied its SE block
         return self._fold(input)
@@ -54,9 +65,33 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
         return affine(input, scale, self.bias - self.running_mean * inv_std)
 
 
+def _timm_batch_norm_act() -> Optional[type]:
+    """timm's ``BatchNormAct2d`` if timm has been imported (this never imports timm), else ``None``."""
+    norm_act = sys.modules.get('timm.layers.norm_act')
+    return getattr(norm_act, 'BatchNormAct2d', None)
+
+
+def folded_type(norm: nn.Module) -> Optional[type]:
+    """The folded class that ``norm`` becomes, or ``None`` if its type cannot be folded into.
+
+    Exactly ``torch.nn.BatchNorm2d`` becomes :class:`FoldedSqueezeExciteBatchNorm2d`, and
+    exactly timm's ``BatchNormAct2d`` (a BatchNorm followed by drop and activation)
+    becomes :class:`~composer_se.folding.norm_act.FoldedSqueezeExciteBatchNormAct2d`,
+    whose module imports timm and is loaded only here. Other subclasses may change the
+    normalisation, so they are not folded into.
+    """
+    if type(norm) is nn.BatchNorm2d:
+        return FoldedSqueezeExciteBatchNorm2d
+    batch_norm_act = _timm_batch_norm_act()
+    if batch_norm_act is not None and type(norm) is batch_norm_act:
+        from composer_se.folding.norm_act import FoldedSqueezeExciteBatchNormAct2d
+        return FoldedSqueezeExciteBatchNormAct2d
+    return None
+
+
 def can_fold(norm: nn.Module, channels: int) -> bool:
     """Whether :func:`fold_into_batch_norm_` accepts ``norm`` after a conv with ``channels`` outputs."""
-    return (type(norm) is nn.BatchNorm2d and norm.num_features == channels and norm.affine and
+    return (folded_type(norm) is not None and norm.num_features == channels and norm.affine and
             norm.track_running_stats and norm.running_mean is not None)
 
 
@@ -67,15 +102,16 @@ def fold_into_batch_norm_(conv: SqueezeExciteConv2d, norm: nn.BatchNorm2d) -> Fo
     this on the traced graph): the conv then returns its plain output and ``norm``
     (now a :class:`FoldedSqueezeExciteBatchNorm2d`, the same object) computes
     ``norm(conv.se(u))`` in one pass. ``norm`` must be exactly an affine
-    ``BatchNorm2d`` with running statistics, with ``conv.out_channels`` features.
-    Parameter and buffer names do not change.
+    ``BatchNorm2d``, or timm's ``BatchNormAct2d``, with running statistics, with
+    ``conv.out_channels`` features (see :func:`folded_type`). Parameter and buffer names
+    do not change.
     """
     if not isinstance(conv, SqueezeExciteConv2d) or conv.folded_into_norm:
         raise TypeError(f'fold_into_batch_norm_ needs a SqueezeExciteConv2d not yet folded, got {conv!r}')
     if not can_fold(norm, conv.out_channels):
-        raise TypeError(f'fold_into_batch_norm_ needs exactly an affine torch.nn.BatchNorm2d with running statistics '
-                        f'and {conv.out_channels} features, got {norm!r}')
-    norm.__class__ = FoldedSqueezeExciteBatchNorm2d
+        raise TypeError(f'fold_into_batch_norm_ needs exactly an affine torch.nn.BatchNorm2d (or timm\'s '
+                        f'BatchNormAct2d) with running statistics and {conv.out_channels} features, got {norm!r}')
+    norm.__class__ = folded_type(norm)
     object.__setattr__(norm, '_folded_se', conv.se)  # a reference, not a submodule: the block stays conv.se
     conv.folded_into_norm = True
     return norm

@@ -8,8 +8,6 @@ import sys
 from fractions import Fraction
 from typing import Optional
 
-import torch
-
 from composer_se.plan import FORMATS, format_plan, plan_squeeze_excite
 from composer_se.recipes.config import ModelConfig, RecipeError, load_recipe
 from composer_se.settings import DEFAULTS, PLACEMENTS, SqueezeExciteSettings
@@ -41,11 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         "recipe's squeeze_excite entry when MODEL is a recipe, else from SqueezeExcite's defaults.",
     )
     plan.add_argument('model', help='a torchvision classification model (resnet50, ...), resnet20/resnet56/resnet110, '
-                      'or a recipe YAML file')
+                      'a timm model as timm/<name> (timm/efficientnet_b0, ...; needs timm), or a recipe YAML file')
     plan.add_argument('--input-size', type=int, nargs='+', metavar='PIXELS',
                       help='image height (and width); default: the recipe\'s data.image_size, else 224')
     plan.add_argument('--num-classes', type=int, help='classifier outputs (default: the recipe\'s, else 1000 for '
-                      'torchvision models and 10 for CIFAR ResNets)')
+                      'torchvision and timm models and 10 for CIFAR ResNets)')
     plan.add_argument('--latent-channels', type=_number,
                       help=f'hidden width, or a fraction such as 1/16 (default {DEFAULTS.latent_channels})')
     plan.add_argument('--min-channels', type=int, help=f'minimum channels of a module that gets SE '
@@ -63,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace) -> str:
-    from composer_se.recipes.models import CIFAR_NAMES, build_module
+    from composer_se.recipes.models import CIFAR_NAMES, build_skeleton
     settings = DEFAULTS
     if args.model.endswith(('.yaml', '.yml')):
         recipe = load_recipe(args.model)
@@ -75,7 +73,6 @@ def _plan(args: argparse.Namespace) -> str:
         size = 224
     if args.num_classes is not None:
         model_config.num_classes = args.num_classes
-    model_config.weights = None  # shapes only: the planner never reads weights
     flags = {key: getattr(args, key) for key in PLANNED if getattr(args, key) is not None}
     settings = dataclasses.replace(settings, **flags)
     if args.input_size:
@@ -84,9 +81,8 @@ def _plan(args: argparse.Namespace) -> str:
         height, width = args.input_size[0], args.input_size[-1]
     else:
         height = width = size
-    with torch.device('meta'):
-        model = build_module(model_config)
-    plan = plan_squeeze_excite(model, (height, width), bytes_per_element=DTYPE_BYTES[args.dtype], settings=settings)
+    plan = plan_squeeze_excite(build_skeleton(model_config), (height, width), bytes_per_element=DTYPE_BYTES[args.dtype],
+                               settings=settings)
     return format_plan(plan, args.format)
 
 

@@ -73,7 +73,8 @@ SPLIT_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')  # a folder inside data
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  #: resnet20 | resnet56 | resnet110 | a torchvision classification model (resnet50, ...)
+    #: resnet20 | resnet56 | resnet110 | a torchvision classification model (resnet50, ...) | timm/<a timm model>
+    name: str = MISSING
     num_classes: int = 10
     weights: Optional[str] = None  #: a local state dict or Composer checkpoint, loaded before SE (never downloaded)
 

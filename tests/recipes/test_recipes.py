@@ -329,3 +329,24 @@ def test_synthetic_recipe_learns(tmp_path, monkeypatch):
     trainer.fit()
     accuracy = float(trainer.state.eval_metrics['eval']['MulticlassAccuracy'].compute())
     assert accuracy > 0.3  # chance is 0.1
+
+
+def test_a_timm_model_by_name_gets_se_and_a_bad_name_is_one_error(capsys):
+    timm = pytest.importorskip('timm')
+    trainer = build_trainer(load_recipe(DEMO, [*SHRINK, 'model.name=timm/resnet18', 'model.num_classes=10',
+                                               'algorithms.squeeze_excite.min_channels=512']))
+    network = trainer.state.model.module
+    assert isinstance(network, timm.models.ResNet) and network.num_classes == 10
+    assert se_blocks(trainer) == ['module.layer4.0.conv1', 'module.layer4.0.conv2', 'module.layer4.0.downsample.0',
+                                  'module.layer4.1.conv1', 'module.layer4.1.conv2']
+    assert main([DEMO, *SHRINK, 'model.name=timm/resnet5O']) == 2
+    assert ("unknown model.name 'timm/resnet5O': timm has no model 'resnet5O'; did you mean timm/resnet50"
+            in capsys.readouterr().err)
+
+
+def test_a_timm_model_without_timm_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, 'timm', None)  # import timm now raises ImportError
+    assert main([DEMO, *SHRINK, 'model.name=timm/resnet18']) == 2
+    assert ('model.name timm/resnet18 needs timm, which is not installed; install it with pip install '
+            '"composer-se[timm]"' in capsys.readouterr().err)

@@ -1,10 +1,12 @@
-"""Models by name, wrapped for Composer: CIFAR ResNets and torchvision classifiers."""
+"""Models by name, wrapped for Composer: CIFAR ResNets, torchvision classifiers and, with timm, timm's models."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 
+import torch
 import torchvision
 from composer.models import ComposerClassifier
 from torch import nn
@@ -14,19 +16,23 @@ from composer_se.recipes.models.cifar_resnet import DEPTHS, BasicBlock, CIFARRes
 from composer_se.recipes.safe_load import read_checkpoint
 from composer_se.state_dicts import CheckpointError
 
-__all__ = ['BasicBlock', 'CIFARResNet', 'build_model', 'cifar_resnet', 'model_names']
+__all__ = ['TIMM_PREFIX', 'BasicBlock', 'CIFARResNet', 'build_model', 'build_skeleton', 'cifar_resnet', 'model_names']
 
 CIFAR_NAMES = {f'resnet{depth}': depth for depth in DEPTHS}
+#: ``model.name: timm/<name>`` builds ``timm.create_model(<name>)`` (timm is the optional extra ``composer-se[timm]``)
+TIMM_PREFIX = 'timm/'
 
 
 def model_names() -> list[str]:
-    """Every name ``model.name`` accepts: the CIFAR ResNets and torchvision's classification models."""
+    """The names ``model.name`` accepts without timm: the CIFAR ResNets and torchvision's classification models."""
     return sorted(CIFAR_NAMES) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def build_module(config: ModelConfig) -> nn.Module:
     """The bare ``nn.Module`` named by ``config``, with its weights loaded when ``config.weights`` is set."""
-    if config.name in CIFAR_NAMES:
+    if config.name.startswith(TIMM_PREFIX):
+        module = _timm_model(config.name.removeprefix(TIMM_PREFIX), config.num_classes)
+    elif config.name in CIFAR_NAMES:
         module = cifar_resnet(CIFAR_NAMES[config.name], num_classes=config.num_classes)
     elif config.name in torchvision.models.list_models(module=torchvision.models):
         module = torchvision.models.get_model(config.name, weights=None, num_classes=config.num_classes)
@@ -34,12 +40,44 @@ def build_module(config: ModelConfig) -> nn.Module:
         close = difflib.get_close_matches(config.name, model_names(), n=3)
         raise RecipeError(
             f'unknown model.name {config.name!r}' + (f'; did you mean {", ".join(close)}?' if close else '') +
-            ' Choose resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR) or a torchvision classification model '
-            'such as resnet50.',
+            ' Choose resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR), a torchvision classification model '
+            f'such as resnet50, or a timm model as {TIMM_PREFIX}<name> (e.g. {TIMM_PREFIX}resnet50).',
         )
     if config.weights:
         _load_weights(module, config.weights)
     return module
+
+
+def build_skeleton(config: ModelConfig) -> nn.Module:
+    """The model named by ``config`` for its shapes only (``config.weights`` is not read), as the planner needs it.
+
+    Built on the ``meta`` device, so no weight is allocated or initialised; a
+    constructor that reads tensor values (torchvision's RegNets compute their widths
+    with tensors) runs on the CPU instead.
+    """
+    config = dataclasses.replace(config, weights=None)
+    try:
+        with torch.device('meta'):
+            return build_module(config)
+    except NotImplementedError:  # "Cannot copy out of meta tensor": the constructor needs real tensors
+        return build_module(config)
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=...)``: built from its definition, nothing downloaded."""
+    try:
+        import timm
+    except ImportError:
+        raise RecipeError(
+            f'model.name {TIMM_PREFIX}{name} needs timm, which is not installed; install it with '
+            f'pip install "composer-se[timm]" (or pip install timm)',
+        ) from None
+    if not name or not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f'; did you mean {", ".join(TIMM_PREFIX + c for c in close)}?' if close else ''
+        raise RecipeError(f'unknown model.name {TIMM_PREFIX + name!r}: timm has no model {name!r}{hint} '
+                          f'(timm.list_models() lists the names it knows)')
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def _load_weights(module: nn.Module, path: str) -> None:
