@@ -77,6 +77,8 @@ class ModelConfig:
     name: str = MISSING
     num_classes: int = 10
     weights: Optional[str] = None  #: a local state dict or Composer checkpoint, loaded before SE (never downloaded)
+    #: CIFAR and torchvision ResNets: start every residual branch's last BatchNorm at zero scale
+    zero_init_residual: bool = False
 
     def validate(self) -> None:
         if self.num_classes < 2:

@@ -30,12 +30,23 @@ def model_names() -> list[str]:
 
 def build_module(config: ModelConfig) -> nn.Module:
     """The bare ``nn.Module`` named by ``config``, with its weights loaded when ``config.weights`` is set."""
+    zero_init = {'zero_init_residual': True} if config.zero_init_residual else {}
     if config.name.startswith(TIMM_PREFIX):
+        if zero_init:
+            raise RecipeError(f'model.zero_init_residual applies to CIFAR and torchvision ResNets, not to timm\'s '
+                              f'{config.name} (timm ResNets start their last BatchNorms at zero by default)')
         module = _timm_model(config.name.removeprefix(TIMM_PREFIX), config.num_classes)
     elif config.name in CIFAR_NAMES:
-        module = cifar_resnet(CIFAR_NAMES[config.name], num_classes=config.num_classes)
+        module = cifar_resnet(CIFAR_NAMES[config.name], num_classes=config.num_classes, **zero_init)
     elif config.name in torchvision.models.list_models(module=torchvision.models):
-        module = torchvision.models.get_model(config.name, weights=None, num_classes=config.num_classes)
+        try:
+            module = torchvision.models.get_model(config.name, weights=None, num_classes=config.num_classes,
+                                                  **zero_init)
+        except TypeError:
+            if not zero_init:
+                raise
+            raise RecipeError(f'model.zero_init_residual applies to CIFAR and torchvision ResNets (ResNet, ResNeXt, '
+                              f'Wide ResNet), not to {config.name}') from None
     else:
         close = difflib.get_close_matches(config.name, model_names(), n=3)
         raise RecipeError(

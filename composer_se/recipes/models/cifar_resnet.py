@@ -53,9 +53,14 @@ class CIFARResNet(nn.Module):
     Args:
         blocks_per_stage (int): ``n``, BasicBlocks in each of the three stages.
         num_classes (int, optional): outputs of the classifier. Default: ``10``.
+        zero_init_residual (bool, optional): start the last BatchNorm of every residual
+            branch with a zero scale, so that each block starts as the identity (Goyal et
+            al., "Accurate, Large Minibatch SGD", 2017; torchvision's option of the same
+            name): the network starts shallow, with small outputs, and tolerates a large
+            learning rate from the first steps. Default: ``False`` (the paper's start).
     """
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10):
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, zero_init_residual: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -78,6 +83,10 @@ class CIFARResNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -85,8 +94,8 @@ class CIFARResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def cifar_resnet(depth: int, num_classes: int = 10) -> CIFARResNet:
-    """The CIFAR ResNet of ``depth`` layers (one of 20, 32, 44, 56, 110)."""
+def cifar_resnet(depth: int, num_classes: int = 10, zero_init_residual: bool = False) -> CIFARResNet:
+    """The CIFAR ResNet of ``depth`` layers (one of 20, 32, 44, 56, 110); see :class:`CIFARResNet`."""
     if depth not in DEPTHS:
         raise ValueError(f'CIFAR ResNet depth must be one of {sorted(DEPTHS)}, got {depth!r}')
-    return CIFARResNet(DEPTHS[depth], num_classes=num_classes)
+    return CIFARResNet(DEPTHS[depth], num_classes=num_classes, zero_init_residual=zero_init_residual)
