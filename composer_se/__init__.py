@@ -10,13 +10,16 @@ The package has three layers:
 
 The names below are loaded when first used, so that importing the torch-only layers
 (``import composer_se.layers``, or unpickling an SE model) does not import Composer.
-When Composer is already imported, importing this package also lets Composer's
-checkpoint loader rebuild this package's algorithm.
+Importing this package also lets Composer's checkpoint loader rebuild this package's
+algorithm from a checkpoint, whether Composer is imported before or after it: the
+algorithm registers itself with Composer as soon as both are loaded.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 __all__ = [
@@ -61,5 +64,54 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-if 'composer.algorithms' in sys.modules:  # Composer is in use: make our checkpoints loadable by name
-    importlib.import_module('composer_se.algorithm')
+class _ComposerEntry:
+    """``composer.algorithms.composer_se`` until our algorithm module is imported: it imports it when asked.
+
+    Composer's checkpoint loader evaluates ``composer_se.SqueezeExcite(...)`` under
+    ``composer.algorithms``; importing :mod:`composer_se.algorithm` then replaces this
+    entry with its own (see :func:`composer_se.checkpoint_guard.register_with_composer`).
+    """
+
+    def __getattr__(self, name: str):
+        if name != 'SqueezeExcite':
+            raise AttributeError(name)
+        return importlib.import_module('composer_se.algorithm').SqueezeExcite
+
+
+def _register_with_composer() -> None:
+    algorithms = importlib.import_module('composer.algorithms')
+    if not hasattr(algorithms, 'composer_se'):
+        algorithms.composer_se = _ComposerEntry()
+
+
+class _ThenRegister(importlib.abc.Loader):
+    """Loads the ``composer`` package with its own loader, then registers our entry with it."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        _register_with_composer()
+
+
+class _RegisterWhenComposerLoads(importlib.abc.MetaPathFinder):
+    """Meets the first import of ``composer`` and has :class:`_ThenRegister` load it; then leaves."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != 'composer':
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+if 'composer' in sys.modules:  # Composer is in use: make our checkpoints loadable by name now
+    _register_with_composer()
+elif not any(isinstance(finder, _RegisterWhenComposerLoads) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWhenComposerLoads())

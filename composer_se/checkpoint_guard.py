@@ -85,8 +85,12 @@ class CheckpointGuard:
 
     def _check(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         saved = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-        check_model_state(saved, module, source='the state dict loaded into this SE model', saved_call=self.saved_call,
-                          current_call=self.current_call, partial=True)
+        try:
+            check_model_state(saved, module, source='the state dict loaded into this SE model',
+                              saved_call=self.saved_call, current_call=self.current_call, partial=True)
+        except Exception:
+            self.disable()  # the load stops here, and Composer will not reach Event.AFTER_LOAD
+            raise
 
     def __getstate__(self):  # a guarded model may be pickled (deep-copied) while loading; the hook does not travel
         return {'network': None, 'current_call': self.current_call, 'saved_call': self.saved_call, '_handle': None,

@@ -288,11 +288,12 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _branch_anchor(block: nn.Module, branch_end: str) -> str:
-    """The weight of the last Conv2d before ``branch_end`` in ``block``, or the branch end's own weight."""
+    """The weight of the branch's last Conv2d in ``block``: the branch end itself if it is one, else the last before
+    it; the branch end's own weight if the branch has no conv."""
     anchor = _join(branch_end, 'weight')
     for name, module in block.named_modules():
-        if name == branch_end:
-            break
         if isinstance(module, nn.Conv2d):
             anchor = _join(name, 'weight')
+        if name == branch_end:
+            break
     return anchor

@@ -17,12 +17,15 @@ per image:
   ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOPs; the pooling,
   sigmoid and scaling are memory-bound and counted as traffic instead);
 - activation traffic: ``3 * C * H * W`` elements: the block reads the feature map once
-  to average it and once to scale it, and writes the scaled map. A block folded into
-  the BatchNorm after its conv (``fold_batchnorm``) scales inside the BatchNorm's own
-  pass, so only the read that averages is extra: ``C * H * W``;
+  to average it and once to scale it, and writes the scaled map. A block applied in one
+  pass with its BatchNorm (folded into the BatchNorm after its conv with
+  ``fold_batchnorm``, or at the end of a residual branch with ``placement='block'``)
+  scales inside the BatchNorm's own pass, so only the read that averages is extra:
+  ``C * H * W`` (in evaluation; in training even that read is the BatchNorm's own
+  statistics pass);
 - kept for backward: ``C * H * W`` elements, the conv output that the scaling needs
-  (the BatchNorm after it keeps the scaled map); a folded block keeps nothing of that
-  size, since the BatchNorm keeps the conv output anyway.
+  (the BatchNorm after it keeps the scaled map); a block applied with its BatchNorm
+  keeps nothing of that size, since the BatchNorm keeps its input anyway.
 
 The model's own traffic is the input plus output bytes of each of its leaf modules,
 per image, the same crude measure; the percentages compare like with like.
@@ -41,7 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer_se.folding import fold_targets
-from composer_se.settings import DEFAULTS, Patterns, SqueezeExciteSettings, settings_from
+from composer_se.settings import UNSET, Patterns, SqueezeExciteSettings, settings_from
 from composer_se.surgery import network_of, select_sites
 
 __all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
@@ -121,13 +124,13 @@ def _added_params(channels: int, hidden: int) -> int:
 def plan_squeeze_excite(
     model: nn.Module,
     input_size: tuple[int, int] = (224, 224),
-    latent_channels: float = DEFAULTS.latent_channels,
-    min_channels: int = DEFAULTS.min_channels,
-    include: Patterns = DEFAULTS.include,
-    exclude: Patterns = DEFAULTS.exclude,
-    placement: str = DEFAULTS.placement,
+    latent_channels: float = UNSET,
+    min_channels: int = UNSET,
+    include: Patterns = UNSET,
+    exclude: Patterns = UNSET,
+    placement: str = UNSET,
     bytes_per_element: int = 4,
-    fold_batchnorm: bool = DEFAULTS.fold_batchnorm,
+    fold_batchnorm: bool = UNSET,
     *,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> Plan:
@@ -186,6 +189,7 @@ def plan_squeeze_excite(
         channels, height, width_px = int(shape[1]), int(shape[2]), int(shape[3])
         norm = folds.get(id(site.module))
         folded = norm is not None
+        fused = folded or settings.placement == 'block'  # SE applied in one pass with a BatchNorm
         feature_map = channels * height * width_px * bytes_per_element
         rows.append(PlanRow(
             name=site.names[0],
@@ -196,8 +200,8 @@ def plan_squeeze_excite(
             latent_channels=width,
             params=_added_params(channels, width),
             flops=4 * channels * width,
-            traffic_bytes=feature_map if folded else 3 * feature_map,
-            saved_bytes=0 if folded else feature_map,
+            traffic_bytes=feature_map if fused else 3 * feature_map,
+            saved_bytes=0 if fused else feature_map,
             folded_into=names[id(norm)] if folded else None,
         ))
 

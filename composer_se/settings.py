@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence, Union
 
 from composer_se.layers.block import GATE_INITS
 
-__all__ = ['DEFAULTS', 'PLACEMENTS', 'Patterns', 'SqueezeExciteSettings', 'resolve_latent_channels', 'settings_from']
+__all__ = ['DEFAULTS', 'PLACEMENTS', 'UNSET', 'Patterns', 'SqueezeExciteSettings', 'resolve_latent_channels',
+           'settings_from']
 
 #: ``placement`` values: after qualifying convolutions, or at the end of residual branches.
 PLACEMENTS = ('conv', 'block')
@@ -155,21 +156,29 @@ def resolve_latent_channels(latent_channels: float, out_channels: int) -> int:
     return max(1, round(latent_channels * out_channels))
 
 
+class _Unset:
+    """The default of an SE argument that a function also takes as ``settings``: not given."""
+
+    def __repr__(self) -> str:
+        return '<the SqueezeExciteSettings default>'
+
+
+#: What ``apply_squeeze_excite`` and the planner take as an SE argument's default, so that
+#: an argument passed explicitly (even with its default value) is told from one left out.
+UNSET = _Unset()
+
+
 def settings_from(settings: Optional[SqueezeExciteSettings], *args: Any, **arguments: Any) -> SqueezeExciteSettings:
     """``settings``, or ``SqueezeExciteSettings(*args, **arguments)``; not both.
 
-    A keyword argument that is the default object itself counts as not given (so do
-    ``include=None`` and ``exclude=None``), which lets signatures spell out their
-    defaults as ``DEFAULTS.<field>``.
+    Keyword arguments that are :data:`UNSET` count as not given.
     """
+    given = {key: value for key, value in arguments.items() if value is not UNSET}
     if settings is None:
-        return SqueezeExciteSettings(*args, **arguments)
+        return SqueezeExciteSettings(*args, **given)
     if not isinstance(settings, SqueezeExciteSettings):
         raise TypeError(f'settings must be a SqueezeExciteSettings, got {type(settings).__name__}')
-    unset = {key for key, value in arguments.items()
-             if value is getattr(DEFAULTS, key, None) or (value is None and key in ('include', 'exclude'))}
-    given = sorted(set(arguments) - unset)
     if args or given:
-        shown = ', '.join(given) if given else 'positional arguments'
+        shown = ', '.join(sorted(given)) if given else 'positional arguments'
         raise TypeError(f'pass the SE arguments either as settings or one by one, not both (got settings and {shown})')
     return settings

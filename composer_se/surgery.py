@@ -33,7 +33,7 @@ from composer_se.folding import fold_into_batch_norm_, fold_targets
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
 from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
 from composer_se.placement import Site, find_sites
-from composer_se.settings import DEFAULTS, Patterns, SqueezeExciteSettings, settings_from
+from composer_se.settings import DEFAULTS, UNSET, Patterns, SqueezeExciteSettings, settings_from
 
 __all__ = [
     'AddedBlock',
@@ -218,14 +218,14 @@ class PlannedBlock:
 
 def apply_squeeze_excite(
     model: nn.Module,
-    latent_channels: float = DEFAULTS.latent_channels,
-    min_channels: int = DEFAULTS.min_channels,
+    latent_channels: float = UNSET,
+    min_channels: int = UNSET,
     optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
-    include: Patterns = DEFAULTS.include,
-    exclude: Patterns = DEFAULTS.exclude,
-    init: str = DEFAULTS.init,
-    placement: str = DEFAULTS.placement,
-    fold_batchnorm: bool = DEFAULTS.fold_batchnorm,
+    include: Patterns = UNSET,
+    exclude: Patterns = UNSET,
+    init: str = UNSET,
+    placement: str = UNSET,
+    fold_batchnorm: bool = UNSET,
     *,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> SqueezeExciteReport:
@@ -364,9 +364,11 @@ def _plan(model: nn.Module, selection: Selection, settings: SqueezeExciteSetting
     for site, width in selection.chosen:
         name = site.names[0]
         groups = groups_for(name, site.anchor, parameters.get(site.anchor), optimizers, index)
-        reference = next(iter(site.module.parameters()), None)
+        # The module's device and dtype: its parameters', or an affine=False BatchNorm's running statistics.
+        reference = next((t for t in (*site.module.parameters(), *site.module.buffers()) if t.is_floating_point()),
+                         None)
         block = SqueezeExcite2d(site.channels, width, init=settings.init)
-        if reference is not None:  # an affine=False BatchNorm has none: the block stays on the default device
+        if reference is not None:
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(site.module.training)
         norm = folds.get(id(site.module))

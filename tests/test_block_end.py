@@ -1,4 +1,6 @@
-"""SE at the end of a residual branch (placement='block'): BatchNorm and SE in one pass, nothing extra kept."""
+"""SE at the end of a residual branch (placement='block'): BatchNorm and SE in one pass, nothing extra kept.
+
+Its gradcheck is in test_fused.py, beside the folded function's."""
 
 from __future__ import annotations
 
@@ -10,30 +12,12 @@ import torchvision
 from torch import nn
 
 from composer_se import SqueezeExcite2d, SqueezeExciteBatchNorm2d, apply_squeeze_excite
-from composer_se.fused.function import _BatchNormSqueezeExcite
+from tests.helpers import saved_activation_bytes
 
 
 def plain_forward(module: SqueezeExciteBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """``se(batch_norm(x))`` in plain operations, as TorchScript runs the module."""
     return module.se(module._normalise(x))
-
-
-def test_gradcheck_float64_including_near_zero_gates():
-    torch.manual_seed(0)
-    n, c, latent = 3, 5, 2
-    u = (torch.randn(n, c, 4, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
-    w1 = torch.randn(latent, c, dtype=torch.float64, requires_grad=True)
-    b1 = torch.randn(latent, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(c, latent, dtype=torch.float64, requires_grad=True)
-    b2 = torch.tensor([0.0, 1.0, -2.0, -12.0, -20.0], dtype=torch.float64, requires_grad=True)  # gates to ~2e-9
-    gamma = torch.rand(c, dtype=torch.float64).add(0.5).requires_grad_()
-    beta = torch.randn(c, dtype=torch.float64, requires_grad=True)
-    scale = torch.tensor(2.0, dtype=torch.float64)
-
-    def fused(*inputs):
-        return _BatchNormSqueezeExcite.apply(*inputs[:5], scale, *inputs[5:], None, None, 0.1, 1e-5)
-
-    assert torch.autograd.gradcheck(fused, (u, w1, b1, w2, b2, gamma, beta))
 
 
 @pytest.mark.parametrize('kwargs', [{}, {'momentum': None}, {'track_running_stats': False}, {'affine': False}])
@@ -90,23 +74,10 @@ def test_a_residual_block_end_keeps_no_extra_activation_for_backward():
     ours = copy.deepcopy(base)
     assert apply_squeeze_excite(ours, latent_channels=1 / 16, min_channels=1, placement='block').num_blocks == 16
     x = torch.randn(2, 3, 64, 64)
-
-    def saved(model):
-        storages = {}
-
-        def pack(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(x)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        return sum(size for ptr, size in storages.items() if ptr not in params)
-
-    added = saved(ours) - saved(base)
+    added = saved_activation_bytes(ours, x) - saved_activation_bytes(base, x)
     per_block = 8 * 2 * 2048 * 8  # a few (N, C) float32 tensors per block, C at most 2048
     assert 0 < added <= 16 * per_block
-    assert added < 0.02 * saved(base)
+    assert added < 0.02 * saved_activation_bytes(base, x)
 
 
 def test_scripted_and_eager_agree():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import composer.algorithms
 import pytest
 import torch
 from composer import Trainer
@@ -39,6 +42,9 @@ def test_trainer_checkpoint_with_other_se_blocks_is_refused_and_the_model_is_unt
                     load_path=str(tmp_path / source / 'ep1-ba8-rank0.pt'), device='cpu', progress_bar=False)
         after = model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())  # not half-loaded
+        # The refused load never reaches Event.AFTER_LOAD: the guard removed itself all the same.
+        assert not model.module._load_state_dict_pre_hooks
+        assert composer.algorithms.composer_se.SqueezeExcite is SqueezeExcite
         if source == 'se':
             assert 'The checkpoint was saved with SqueezeExcite(latent_channels=4, min_channels=16' in str(info.value)
         else:
@@ -60,3 +66,16 @@ def test_a_checkpoint_saved_by_version_0_1_0_still_loads():
     assert all(torch.equal(state[key], value) for key, value in saved['state']['model'].items())
     trainer.fit()  # and it trains on
     assert int(trainer.state.timestamp.epoch) == 2
+
+
+@pytest.mark.parametrize('order', ['composer_se first', 'composer first'])
+def test_composer_finds_our_algorithm_whichever_is_imported_first(order):
+    """In a fresh interpreter: importing composer_se before or after Composer, its checkpoints name our class."""
+    first, second = ('import composer_se', 'from composer import Trainer')
+    lines = [first, second] if order == 'composer_se first' else [second, first]
+    code = '; '.join(lines + ['import composer.algorithms as a',
+                              'print(a.composer_se.SqueezeExcite(latent_channels=4).__class__.__module__)'])
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == 'composer_se.algorithm'

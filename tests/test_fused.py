@@ -11,10 +11,10 @@ from composer.algorithms.squeeze_excite import apply_squeeze_excite as composer_
 from torch import nn
 
 from composer_se import apply_squeeze_excite
-from composer_se.fused.function import _SqueezeExciteBatchNorm
+from composer_se.fused.function import _BatchNormSqueezeExcite, _SqueezeExciteBatchNorm
 from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
-from tests.helpers import assert_steps_match
+from tests.helpers import saved_activation_bytes, assert_steps_match
 
 
 def stack(channels: int = 8, depth: int = 3) -> nn.Sequential:
@@ -48,7 +48,9 @@ def randomise_norms(model: nn.Module) -> None:
                 module.running_var.uniform_(0.5, 2)
 
 
-def test_gradcheck_float64_including_near_zero_gates():
+@pytest.mark.parametrize('function', [_SqueezeExciteBatchNorm, _BatchNormSqueezeExcite], ids=['se-bn', 'bn-se'])
+def test_gradcheck_float64_including_near_zero_gates(function):
+    """Both fused functions: SE then BatchNorm (folded) and BatchNorm then SE (a residual block's end)."""
     torch.manual_seed(0)
     n, c, latent = 3, 5, 2
     u = (torch.randn(n, c, 4, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
@@ -61,7 +63,7 @@ def test_gradcheck_float64_including_near_zero_gates():
     scale = torch.tensor(2.0, dtype=torch.float64)
 
     def fused(*inputs):
-        return _SqueezeExciteBatchNorm.apply(*inputs[:5], scale, *inputs[5:], None, None, 0.1, 1e-5)
+        return function.apply(*inputs[:5], scale, *inputs[5:], None, None, 0.1, 1e-5)
 
     assert torch.autograd.gradcheck(fused, (u, w1, b1, w2, b2, gamma, beta))
 
@@ -120,20 +122,7 @@ def test_momentum_none_and_bf16_autocast():
 
 def added_saved_bytes(model: nn.Module, base: nn.Module, x: torch.Tensor) -> int:
     """Extra bytes of the storages autograd keeps for backward, parameters (alive anyway) left out."""
-
-    def saved(m):
-        storages = {}
-
-        def pack(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            m(x)
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-        return sum(size for ptr, size in storages.items() if ptr not in params)
-
-    return saved(model) - saved(base)
+    return saved_activation_bytes(model, x) - saved_activation_bytes(base, x)
 
 
 def test_folded_se_keeps_no_activation_for_backward_where_composer_keeps_one_per_block():

@@ -38,6 +38,14 @@ def test_every_entry_point_takes_the_same_settings():
 def test_settings_and_keywords_together_are_refused():
     with pytest.raises(TypeError, match='either as settings or one by one, not both .*min_channels'):
         SqueezeExcite(min_channels=8, settings=DEFAULTS)
+    settings = SqueezeExciteSettings(8, placement='block', fold_batchnorm=False)
+    # Also when the keywords carry the default values, which an identity check would take for "not given".
+    with pytest.raises(TypeError, match='not both .*fold_batchnorm, latent_channels, placement'):
+        apply_squeeze_excite(small_cnn(), latent_channels=64, placement='conv', fold_batchnorm=True, settings=settings)
+    with pytest.raises(TypeError, match='not both .*fold_batchnorm'):
+        SqueezeExcite(fold_batchnorm=True, settings=settings)
+    with pytest.raises(TypeError, match='not both .*positional arguments'):
+        SqueezeExcite(64, settings=settings)
     with pytest.raises(TypeError, match='settings must be a SqueezeExciteSettings, got dict'):
         apply_squeeze_excite(small_cnn(), settings={'min_channels': 8})
 

@@ -4,7 +4,8 @@
   (its arithmetic is :func:`composer_se.fused.squeeze_excite_batch_norm`);
 - :mod:`~composer_se.folding.graph`: which convs feed a BatchNorm and nothing else.
 
-Like :mod:`composer_se.layers`, it imports only ``torch``.
+Like :mod:`composer_se.layers`, it imports only ``torch`` (and timm's own module,
+:mod:`~composer_se.folding.norm_act`, only to fold into timm's ``BatchNormAct2d``).
 """
 
 from composer_se.folding.graph import batch_norm_consumers, fold_targets

@@ -1,4 +1,7 @@
-"""SE and a BatchNorm in one pass over the activation: the arithmetic and its kernels (torch only).
+"""SE and a BatchNorm in one pass over the activation: the arithmetic and its kernels.
+
+It imports only ``torch``; :mod:`~composer_se.fused.triton_ops` (Triton) is imported the
+first time a CUDA tensor reaches these functions.
 
 - :mod:`~composer_se.fused.function`: SE then BatchNorm (a block folded into the
   BatchNorm after its conv) and BatchNorm then SE (a block at the end of a residual

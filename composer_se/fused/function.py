@@ -30,8 +30,8 @@ activations. The per-(n, c) formulas are in :mod:`composer_se.fused.torch_ops`.
 **Where it runs.** The steps run as Triton kernels (:mod:`~composer_se.fused.triton_ops`)
 on CUDA tensors, and as torch operations (:mod:`~composer_se.fused.torch_ops`) on other
 devices; with ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors too, which is
-how they are tested without a GPU. Both compute in float32 (float64 for float64 inputs)
-and return the input's dtype and memory format.
+how they are tested without a GPU. Both keep their statistics in float32 (float64 for
+float64 inputs) and return the input's dtype and memory format.
 """
 
 from __future__ import annotations
@@ -71,8 +71,15 @@ def kernels_for(x: torch.Tensor) -> ModuleType:
 
 
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), in one pass."""
-    return kernels_for(x).affine(x, scale, shift)
+    """``x * scale + shift`` with per-(n, c) ``scale`` (N, C) and ``shift`` (N, C) or (C,), differentiably.
+
+    One pass where no gradient is asked for (inference); torch operations where one is
+    (an eval-mode model under ``torch.enable_grad``, as for saliency maps or a frozen
+    BatchNorm), since the Triton kernel has no backward.
+    """
+    ops = kernels_for(x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
+    return (torch_ops if needs_grad else ops).affine(x, scale, shift)
 
 
 def _autocast_off(device_type: str):
@@ -127,14 +134,14 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(u, mean, var, sig, mu, rstd, hidden)
         # The parameters by reference: they live on anyway (saving them would only make
         # saved-tensor accounting count them).
-        ctx.params = (w1, w2, gate_scale, weight)
+        ctx.params = (w1, w2, gate_scale, weight, bias)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, mean, var, sig, mu, rstd, hidden = ctx.saved_tensors
-        w1, w2, gate_scale, weight = ctx.params
+        w1, w2, gate_scale, weight, bias = ctx.params
         ops = kernels_for(u)
         count = _count(u)
         g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
@@ -142,7 +149,7 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
                                                                       rstd, weight, count)
         grad_squeezed, *grad_gate = _gate_backward(grad_z2, mean, hidden, w1, w2, ctx.needs_input_grad[1:5])
         grad_u = ops.affine2(grad_out, u, p, q, mean, r, grad_squeezed, 1.0 / (count // u.shape[0]))
-        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None,
+        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
                 None)
 
 

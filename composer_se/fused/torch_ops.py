@@ -117,15 +117,20 @@ def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tenso
             r2_scale: float = 0.0) -> Tensor:
     """``g * p + (u - center) * q + r (+ r2 * r2_scale)`` per (n, c), in ``u``'s dtype.
 
-    ``p``, ``center``, ``r`` and ``r2`` are (N, C); ``q`` is (N, C) or (C,). Two passes on
-    CPU: :func:`affine` of ``g``, then an in-place multiply-add of ``u``.
+    ``p``, ``center``, ``r`` and ``r2`` are (N, C); ``q`` is (N, C) or (C,). For float32 and
+    float64, two passes: :func:`affine` of ``g``, then an in-place multiply-add of ``u``
+    (``u q + (r - q center)``). Half-precision inputs are centred in float32 first, since
+    that form would lose the leading digits of ``(u - center) q`` to rounding in their
+    dtype where the mean is large next to the spread.
     """
     n, c = u.shape[:2]
     q = q.expand(n, c)
-    shift = r - q * center
-    if r2 is not None:
-        shift = shift + r2 * r2_scale
-    return affine(g, p, shift).to(u.dtype).addcmul_(u, q[:, :, None, None].to(u.dtype))
+    shift = r if r2 is None else r + r2 * r2_scale
+    if accumulation_dtype(u.dtype) != u.dtype:
+        acc = accumulation_dtype(u.dtype)
+        out = (g.to(acc) * p[:, :, None, None] + (u.to(acc) - center[:, :, None, None]) * q[:, :, None, None])
+        return out.add_(shift[:, :, None, None]).to(u.dtype)
+    return affine(g, p, shift - q * center).to(u.dtype).addcmul_(u, q[:, :, None, None].to(u.dtype))
 
 
 def _lerp_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], mu: Tensor, var: Tensor,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from composer_se.fused.torch_ops import accumulation_dtype
+
 __all__ = [
     'affine',
     'affine2',
@@ -56,8 +58,9 @@ MAX_STAT_ROWS = 256
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """The accumulation dtype, in torch and in Triton: float64 for float64 inputs, else float32."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """The accumulation dtype (:func:`~composer_se.fused.torch_ops.accumulation_dtype`), in torch and in Triton."""
+    acc = accumulation_dtype(dtype)
+    return acc, {torch.float32: tl.float32, torch.float64: tl.float64}[acc]
 
 
 def _view(t: Tensor) -> tuple[Tensor, int, int, int]:
@@ -145,7 +148,7 @@ def _affine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, C, HW, sx_n, sx_c, sx_hw, sy_n, s
              mask=inside)
 
 
-def _per_channel(t: Tensor, n: int, c: int) -> tuple[Tensor, int, int]:
+def _per_channel(t: Tensor) -> tuple[Tensor, int, int]:
     """A (N, C) or (C,) tensor and its strides along N (0 for (C,)) and C."""
     if t.dim() == 1:
         return t, 0, t.stride(0)
@@ -158,8 +161,8 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     x, sn, sc, shw = _view(x)
     y = torch.empty_like(x)
     _, yn, yc, yhw = _view(y)
-    a, an, ac = _per_channel(scale, n, c)
-    b, bn, bc = _per_channel(shift, n, c)
+    a, an, ac = _per_channel(scale)
+    b, bn, bc = _per_channel(shift)
     block_hw, block_c = _tile(x, c, h * w)
     grid = (n, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c))
     _affine_kernel[grid](x, y, a, b, c, h * w, sn, sc, shw, yn, yc, yhw, an, ac, bn, bc, BLOCK_HW=block_hw,
@@ -320,7 +323,7 @@ def se_bn_forward(mean: Tensor, var: Tensor, z2: Tensor, gate_scale: Tensor, wei
                   count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`composer_se.fused.torch_ops.se_bn_forward`."""
     n, c = mean.shape
-    acc, acc_tl = _acc(mean.dtype)
+    _, acc_tl = _acc(mean.dtype)
     z2 = z2.contiguous()
     sig, scale = torch.empty_like(mean), torch.empty_like(mean)
     shift, mu, rstd = (mean.new_empty(c) for _ in range(3))

@@ -1,8 +1,8 @@
 """Squeeze-and-Excitation modules in plain PyTorch.
 
-This package imports only ``torch`` (and :mod:`composer_se.folding`, which does too): a
-model that holds these layers can be saved, unpickled, scripted, exported or served
-without Composer or torchvision.
+This package imports only ``torch`` (and :mod:`composer_se.fused`, whose Triton kernels
+are imported only when a CUDA tensor reaches them): a model that holds these layers can
+be saved, unpickled, scripted, exported or served without Composer or torchvision.
 """
 
 from composer_se.layers.block import GATE_INITS, SqueezeExcite2d, excite

@@ -3,7 +3,7 @@
 Sources: ``cifar10`` (torchvision's CIFAR-10), ``imagefolder`` (a ``train/`` and a
 ``val/`` or ``test/`` folder of class folders: ImageNet's layout), ``streaming``
 (mosaicml-streaming MDS shards with an image column ``x`` and an int column ``y``) and
-``synthetic`` (:class:`~composer_se.data.SyntheticImages`).
+``synthetic`` (:class:`~composer_se.recipes.data.SyntheticImages`).
 
 Augmentation, chosen by ``data.augmentation``:
 
