@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from composer.core import Callback
@@ -350,3 +352,22 @@ def test_a_timm_model_without_timm_says_how_to_install_it(monkeypatch, capsys):
     assert main([DEMO, *SHRINK, 'model.name=timm/resnet18']) == 2
     assert ('model.name timm/resnet18 needs timm, which is not installed; install it with pip install '
             '"composer-se[timm]"' in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize('seed', [1, 2, 3])
+def test_the_demo_model_starts_with_small_outputs(seed):
+    """The demo's other guard: its residual blocks start as the identity (model.zero_init_residual), so the 56-layer
+    net starts with small outputs; with the default start they are large enough that the loss spikes as the
+    learning rate warms up, and the BatchNorm running statistics of those few steps then spoil evaluation."""
+    from composer_se.recipes.data import SyntheticImages
+    from composer_se.recipes.models import build_module
+    config = load_recipe(DEMO, [f'seed={seed}'])
+    assert config.model.zero_init_residual
+    images = torch.stack([SyntheticImages(64, seed=seed)[i][0] for i in range(64)])
+    outputs = {}
+    for zero_init in (True, False):
+        torch.manual_seed(seed)
+        model = build_module(dataclasses.replace(config.model, zero_init_residual=zero_init))
+        with torch.no_grad():
+            outputs[zero_init] = model(images).std().item()
+    assert outputs[True] < 0.3 < 0.6 < outputs[False]
