@@ -63,15 +63,21 @@ class CheckpointGuard:
         self.disable()
         self.saved_call = None
         self._handle = self.network.register_load_state_dict_pre_hook(self._check)
-        self._registered = getattr(composer.algorithms, NAMESPACE, None)
-        if self._registered is not None:
-            factory = self._registered.SqueezeExcite
+        registered = getattr(composer.algorithms, NAMESPACE, None)
+        if registered is not None:
+            factory = registered.SqueezeExcite
+            # A load that failed outside this guard (a missing file, a recipe's own check) never reaches
+            # Event.AFTER_LOAD, so its guard's wrapper may still be registered: wrap the factory beneath it.
+            while hasattr(factory, 'wrapped_factory'):
+                factory = factory.wrapped_factory
+            self._registered = types.SimpleNamespace(SqueezeExcite=factory)
 
             def recording_factory(*args, **kwargs):
                 algorithm = factory(*args, **kwargs)
                 self.saved_call = algorithm.settings.call()
                 return algorithm
 
+            recording_factory.wrapped_factory = factory
             register_with_composer(recording_factory)
 
     def disable(self) -> None:

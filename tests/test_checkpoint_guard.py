@@ -51,6 +51,22 @@ def test_trainer_checkpoint_with_other_se_blocks_is_refused_and_the_model_is_unt
             assert 'load its weights into the model before the Trainer adds SE' in str(info.value)
 
 
+def test_a_load_that_fails_elsewhere_leaves_no_wrapper_behind_the_next_guard(tmp_path):
+    """A load that stops before Event.AFTER_LOAD for another reason (here a missing file) keeps its guard's wrapper
+    registered; the next guard wraps Composer's factory beneath it and restores that factory, not the stale wrapper."""
+    with pytest.raises(FileNotFoundError):
+        Trainer(model=ComposerClassifier(small_cnn(), num_classes=4),
+                train_dataloader=DataLoader(TensorDataset(*learnable_data()), batch_size=32), max_duration='1ep',
+                algorithms=[SqueezeExcite(latent_channels=4, min_channels=16)],
+                load_path=str(tmp_path / 'missing.pt'), device='cpu', progress_bar=False)
+    assert composer.algorithms.composer_se.SqueezeExcite is not SqueezeExcite  # the failed load's guard is still on
+    saved = make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], save_folder=str(tmp_path / 'se'),
+                         save_interval='1ep', max_duration='1ep')
+    saved.fit()
+    make_trainer([], load_path=str(tmp_path / 'se' / 'ep1-ba8-rank0.pt'))  # adds, guards and loads our algorithm
+    assert composer.algorithms.composer_se.SqueezeExcite is SqueezeExcite
+
+
 def test_a_checkpoint_saved_by_version_0_1_0_still_loads():
     """``tests/data/se_small_cnn_v0.1.0.pt`` was saved by commit 647d801 (before the package was reorganised):
     ``make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], groups=True)`` after one epoch."""

@@ -77,7 +77,8 @@ class ModelConfig:
     name: str = MISSING
     num_classes: int = 10
     weights: Optional[str] = None  #: a local state dict or Composer checkpoint, loaded before SE (never downloaded)
-    #: CIFAR and torchvision ResNets: start every residual branch's last BatchNorm at zero scale
+    #: start every residual branch's last BatchNorm at zero scale: CIFAR and torchvision ResNets, and timm models
+    #: taking zero_init_last (timm's ResNets and RegNets do so by default; false keeps each model's own default)
     zero_init_residual: bool = False
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -371,3 +372,18 @@ def test_the_demo_model_starts_with_small_outputs(seed):
         with torch.no_grad():
             outputs[zero_init] = model(images).std().item()
     assert outputs[True] < 0.3 < 0.6 < outputs[False]
+
+
+def test_zero_init_residual_reaches_each_model_source_or_is_one_error():
+    """CIFAR, torchvision and timm ResNets start their residual branches at zero; a model without that option says so."""
+    from composer_se.recipes.config import ModelConfig, RecipeError
+    from composer_se.recipes.models import build_module
+    last_norms = {'resnet20': lambda m: m.layer1[0].bn2, 'resnet18': lambda m: m.layer1[0].bn2}
+    if importlib.util.find_spec('timm'):
+        last_norms['timm/resnet18'] = lambda m: m.layer1[0].bn2
+    for name, last_norm in last_norms.items():
+        model = build_module(ModelConfig(name=name, zero_init_residual=True))
+        assert not last_norm(model).weight.any(), name
+    for name in ['mobilenet_v2'] + (['timm/efficientnet_b0'] if 'timm/resnet18' in last_norms else []):
+        with pytest.raises(RecipeError, match=f'model.zero_init_residual applies to .*not to {name}'):
+            build_module(ModelConfig(name=name, zero_init_residual=True))

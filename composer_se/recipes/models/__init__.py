@@ -32,10 +32,8 @@ def build_module(config: ModelConfig) -> nn.Module:
     """The bare ``nn.Module`` named by ``config``, with its weights loaded when ``config.weights`` is set."""
     zero_init = {'zero_init_residual': True} if config.zero_init_residual else {}
     if config.name.startswith(TIMM_PREFIX):
-        if zero_init:
-            raise RecipeError(f'model.zero_init_residual applies to CIFAR and torchvision ResNets, not to timm\'s '
-                              f'{config.name} (timm ResNets start their last BatchNorms at zero by default)')
-        module = _timm_model(config.name.removeprefix(TIMM_PREFIX), config.num_classes)
+        module = _timm_model(config.name.removeprefix(TIMM_PREFIX), config.num_classes,
+                             zero_init_last=config.zero_init_residual)
     elif config.name in CIFAR_NAMES:
         module = cifar_resnet(CIFAR_NAMES[config.name], num_classes=config.num_classes, **zero_init)
     elif config.name in torchvision.models.list_models(module=torchvision.models):
@@ -74,8 +72,12 @@ def build_skeleton(config: ModelConfig) -> nn.Module:
         return build_module(config)
 
 
-def _timm_model(name: str, num_classes: int) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=...)``: built from its definition, nothing downloaded."""
+def _timm_model(name: str, num_classes: int, zero_init_last: bool = False) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=...)``: built from its definition, nothing downloaded.
+
+    ``zero_init_last`` asks for timm's ``zero_init_last=True`` (its ResNets and RegNets
+    already default to it); left False, the model keeps timm's own default.
+    """
     try:
         import timm
     except ImportError:
@@ -88,7 +90,13 @@ def _timm_model(name: str, num_classes: int) -> nn.Module:
         hint = f'; did you mean {", ".join(TIMM_PREFIX + c for c in close)}?' if close else ''
         raise RecipeError(f'unknown model.name {TIMM_PREFIX + name!r}: timm has no model {name!r}{hint} '
                           f'(timm.list_models() lists the names it knows)')
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if not zero_init_last:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, zero_init_last=True)
+    except TypeError:
+        raise RecipeError(f'model.zero_init_residual applies to residual networks whose constructor takes '
+                          f'zero_init_last in timm (ResNet, RegNet, ...), not to {TIMM_PREFIX}{name}') from None
 
 
 def _load_weights(module: nn.Module, path: str) -> None:
