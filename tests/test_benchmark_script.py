@@ -154,3 +154,17 @@ def test_accuracy_dry_run_on_real_cifar10_images(tmp_path):
     report = json.loads((tmp_path / 'results.json').read_text())
     assert [run['status'] for run in report['runs']] == ['finished', 'finished']
     assert 'SE − baseline: n/a (needs at least 2 finished runs per arm)' in (tmp_path / 'results.md').read_text()
+
+
+def test_data_loading_dry_run_times_both_loaders_and_the_model(tmp_path):
+    """benchmarks/data_loading.py at toy size: both loaders' epochs and the model's, in one table."""
+    out = tmp_path / 'table.md'
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'data_loading.py'), '--dry-run', '--out',
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = out.read_text()
+    assert '64 images in batches of 16' in table
+    for name in ('data.on_device: true', 'worker-based loader', 'ResNet-56 SE train steps'):
+        (row,) = [line for line in table.splitlines() if line.startswith(f'| {name} |')]
+        assert float(row.split('|')[2]) > 0
+    assert 'as fast as the worker-based loader' in table
