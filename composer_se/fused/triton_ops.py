@@ -252,6 +252,29 @@ def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tenso
 
 
 @triton.jit
+def _rows(start, cs, c_in, N, C, BLOCK_N: tl.constexpr):
+    """Rows ``start .. start + BLOCK_N`` of an (N, C) tensor at channels ``cs``: the mask, and the offsets."""
+    ns = start + tl.arange(0, BLOCK_N)
+    return (ns < N)[:, None] & c_in[None, :], ns[:, None] * C + cs[None, :]
+
+
+@triton.jit
+def _load(ptr, offsets, mask, ACC: tl.constexpr):
+    """``ptr[offsets]`` in the accumulation dtype, zero where ``mask`` is false."""
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, cs, c_in, mu, var, momentum, unbias, ACC: tl.constexpr):
+    """BatchNorm's running statistics at channels ``cs``, in place: a step of ``momentum`` towards ``mu`` and the
+    unbiased ``var``."""
+    rm = _load(rm_ptr, cs, c_in, ACC)
+    rv = _load(rv_ptr, cs, c_in, ACC)
+    tl.store(rm_ptr + cs, (rm + momentum * (mu - rm)).to(rm_ptr.dtype.element_ty), mask=c_in)
+    tl.store(rv_ptr + cs, (rv + momentum * (var * unbias - rv)).to(rv_ptr.dtype.element_ty), mask=c_in)
+
+
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
@@ -266,41 +289,32 @@ def _se_bn_forward_kernel(m_ptr, v_ptr, z_ptr, gs_ptr, w_ptr, b_ptr, rm_ptr, rv_
     sum_sm = tl.zeros([BLOCK_C], ACC)
     sum_ssv = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        sig = _sigmoid(tl.load(z_ptr + at, mask=inside, other=0.0).to(ACC))
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        sig = _sigmoid(_load(z_ptr, at, inside, ACC))
         tl.store(sig_ptr + at, sig, mask=inside)
         s = sig * gate_scale
-        m = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC)
-        v = tl.load(v_ptr + at, mask=inside, other=0.0).to(ACC)
+        m = _load(m_ptr, at, inside, ACC)
+        v = _load(v_ptr, at, inside, ACC)
         sum_sm += tl.sum(tl.where(inside, s * m, 0.0), axis=0)
         sum_ssv += tl.sum(tl.where(inside, s * s * v, 0.0), axis=0)
     mu = sum_sm / N
     sum_d2 = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        s = _sigmoid(tl.load(z_ptr + at, mask=inside, other=0.0).to(ACC)) * gate_scale
-        d = s * tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC) - mu[None, :]
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        s = _sigmoid(_load(z_ptr, at, inside, ACC)) * gate_scale
+        d = s * _load(m_ptr, at, inside, ACC) - mu[None, :]
         sum_d2 += tl.sum(tl.where(inside, d * d, 0.0), axis=0)
     var = (sum_ssv + sum_d2) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * rstd
+    k = _load(w_ptr, cs, c_in, ACC) * rstd
     tl.store(mu_ptr + cs, mu, mask=c_in)
     tl.store(rstd_ptr + cs, rstd, mask=c_in)
-    tl.store(shift_ptr + cs, tl.load(b_ptr + cs, mask=c_in, other=0.0).to(ACC) - mu * k, mask=c_in)
+    tl.store(shift_ptr + cs, _load(b_ptr, cs, c_in, ACC) - mu * k, mask=c_in)
     if HAS_RUNNING:
-        rm = tl.load(rm_ptr + cs, mask=c_in, other=0.0).to(ACC)
-        rv = tl.load(rv_ptr + cs, mask=c_in, other=0.0).to(ACC)
-        tl.store(rm_ptr + cs, (rm + momentum * (mu - rm)).to(rm_ptr.dtype.element_ty), mask=c_in)
-        tl.store(rv_ptr + cs, (rv + momentum * (var * unbias - rv)).to(rv_ptr.dtype.element_ty), mask=c_in)
+        _update_running(rm_ptr, rv_ptr, cs, c_in, mu, var, momentum, unbias, ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        s = _sigmoid(tl.load(z_ptr + at, mask=inside, other=0.0).to(ACC)) * gate_scale
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        s = _sigmoid(_load(z_ptr, at, inside, ACC)) * gate_scale
         tl.store(a_ptr + at, s * k[None, :], mask=inside)
 
 
@@ -342,19 +356,16 @@ def _se_bn_backward_kernel(gsum_ptr, guc_ptr, m_ptr, v_ptr, sig_ptr, gs_ptr, mu_
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
     gate_scale = tl.load(gs_ptr).to(ACC)
-    mu = tl.load(mu_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * rstd
+    mu = _load(mu_ptr, cs, c_in, ACC)
+    rstd = _load(rstd_ptr, cs, c_in, ACC)
+    k = _load(w_ptr, cs, c_in, ACC) * rstd
     grad_bias = tl.zeros([BLOCK_C], ACC)
     sum_sgu = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        g_sum = tl.load(gsum_ptr + at, mask=inside, other=0.0).to(ACC)
-        gu = tl.load(guc_ptr + at, mask=inside, other=0.0).to(ACC) + tl.load(m_ptr + at, mask=inside,
-                                                                            other=0.0).to(ACC) * g_sum
-        s = tl.load(sig_ptr + at, mask=inside, other=0.0).to(ACC) * gate_scale
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        g_sum = _load(gsum_ptr, at, inside, ACC)
+        gu = _load(guc_ptr, at, inside, ACC) + _load(m_ptr, at, inside, ACC) * g_sum
+        s = _load(sig_ptr, at, inside, ACC) * gate_scale
         grad_bias += tl.sum(g_sum, axis=0)
         sum_sgu += tl.sum(s * gu, axis=0)
     grad_weight = rstd * (sum_sgu - mu * grad_bias)
@@ -363,14 +374,12 @@ def _se_bn_backward_kernel(gsum_ptr, guc_ptr, m_ptr, v_ptr, sig_ptr, gs_ptr, mu_
     a = k * grad_bias / count
     b = k * rstd * grad_weight / count
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        g_sum = tl.load(gsum_ptr + at, mask=inside, other=0.0).to(ACC)
-        m = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC)
-        v = tl.load(v_ptr + at, mask=inside, other=0.0).to(ACC)
-        gu = tl.load(guc_ptr + at, mask=inside, other=0.0).to(ACC) + m * g_sum
-        sig = tl.load(sig_ptr + at, mask=inside, other=0.0).to(ACC)
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        g_sum = _load(gsum_ptr, at, inside, ACC)
+        m = _load(m_ptr, at, inside, ACC)
+        v = _load(v_ptr, at, inside, ACC)
+        gu = _load(guc_ptr, at, inside, ACC) + m * g_sum
+        sig = _load(sig_ptr, at, inside, ACC)
         s = sig * gate_scale
         grad_s = k[None, :] * gu - area * (a[None, :] * m + b[None, :] * (s * v + m * (s * m - mu[None, :])))
         tl.store(gz_ptr + at, grad_s * gate_scale * sig * (1.0 - sig), mask=inside)
@@ -400,34 +409,26 @@ def _bn_stats_kernel(m_ptr, v_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mu_ptr, rstd_pt
     sum_m = tl.zeros([BLOCK_C], ACC)
     sum_v = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        sum_m += tl.sum(tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC), axis=0)
-        sum_v += tl.sum(tl.load(v_ptr + at, mask=inside, other=0.0).to(ACC), axis=0)
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        sum_m += tl.sum(_load(m_ptr, at, inside, ACC), axis=0)
+        sum_v += tl.sum(_load(v_ptr, at, inside, ACC), axis=0)
     mu = sum_m / N
     sum_d2 = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        d = tl.load(m_ptr + ns[:, None] * C + cs[None, :], mask=inside, other=0.0).to(ACC) - mu[None, :]
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        d = _load(m_ptr, at, inside, ACC) - mu[None, :]
         sum_d2 += tl.sum(tl.where(inside, d * d, 0.0), axis=0)
     var = (sum_v + sum_d2) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mu_ptr + cs, mu, mask=c_in)
     tl.store(rstd_ptr + cs, rstd, mask=c_in)
     if HAS_RUNNING:
-        rm = tl.load(rm_ptr + cs, mask=c_in, other=0.0).to(ACC)
-        rv = tl.load(rv_ptr + cs, mask=c_in, other=0.0).to(ACC)
-        tl.store(rm_ptr + cs, (rm + momentum * (mu - rm)).to(rm_ptr.dtype.element_ty), mask=c_in)
-        tl.store(rv_ptr + cs, (rv + momentum * (var * unbias - rv)).to(rv_ptr.dtype.element_ty), mask=c_in)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * rstd
-    beta = tl.load(b_ptr + cs, mask=c_in, other=0.0).to(ACC)
+        _update_running(rm_ptr, rv_ptr, cs, c_in, mu, var, momentum, unbias, ACC)
+    k = _load(w_ptr, cs, c_in, ACC) * rstd
+    beta = _load(b_ptr, cs, c_in, ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        m = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC)
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        m = _load(m_ptr, at, inside, ACC)
         tl.store(z_ptr + at, k[None, :] * (m - mu[None, :]) + beta[None, :], mask=inside)
 
 
@@ -451,13 +452,11 @@ def _bn_se_scale_kernel(z_ptr, gs_ptr, mu_ptr, rstd_ptr, w_ptr, b_ptr, sig_ptr, 
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
     gate_scale = tl.load(gs_ptr).to(ACC)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * tl.load(rstd_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    shift = tl.load(b_ptr + cs, mask=c_in, other=0.0).to(ACC) - tl.load(mu_ptr + cs, mask=c_in, other=0.0).to(ACC) * k
+    k = _load(w_ptr, cs, c_in, ACC) * _load(rstd_ptr, cs, c_in, ACC)
+    shift = _load(b_ptr, cs, c_in, ACC) - _load(mu_ptr, cs, c_in, ACC) * k
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        sig = _sigmoid(tl.load(z_ptr + at, mask=inside, other=0.0).to(ACC))
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        sig = _sigmoid(_load(z_ptr, at, inside, ACC))
         s = sig * gate_scale
         tl.store(sig_ptr + at, sig, mask=inside)
         tl.store(a_ptr + at, s * k[None, :], mask=inside)
@@ -483,18 +482,16 @@ def _bn_se_gate_grad_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, mu_ptr, r
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
     gate_scale = tl.load(gs_ptr).to(ACC)
-    mu = tl.load(mu_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * tl.load(rstd_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    beta = tl.load(b_ptr + cs, mask=c_in, other=0.0).to(ACC)
+    mu = _load(mu_ptr, cs, c_in, ACC)
+    k = _load(w_ptr, cs, c_in, ACC) * _load(rstd_ptr, cs, c_in, ACC)
+    beta = _load(b_ptr, cs, c_in, ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        g_sum = tl.load(gsum_ptr + at, mask=inside, other=0.0).to(ACC)
-        m = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC)
-        grad_s = k[None, :] * (tl.load(guc_ptr + at, mask=inside, other=0.0).to(ACC) +
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        g_sum = _load(gsum_ptr, at, inside, ACC)
+        m = _load(m_ptr, at, inside, ACC)
+        grad_s = k[None, :] * (_load(guc_ptr, at, inside, ACC) +
                                (m - mu[None, :]) * g_sum) + beta[None, :] * g_sum
-        sig = tl.load(sig_ptr + at, mask=inside, other=0.0).to(ACC)
+        sig = _load(sig_ptr, at, inside, ACC)
         tl.store(gz_ptr + at, grad_s * gate_scale * sig * (1.0 - sig), mask=inside)
 
 
@@ -516,21 +513,19 @@ def _bn_se_backward_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, gz_ptr, mu
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
     gate_scale = tl.load(gs_ptr).to(ACC)
-    mu = tl.load(mu_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + cs, mask=c_in, other=0.0).to(ACC)
-    k = tl.load(w_ptr + cs, mask=c_in, other=0.0).to(ACC) * rstd
+    mu = _load(mu_ptr, cs, c_in, ACC)
+    rstd = _load(rstd_ptr, cs, c_in, ACC)
+    k = _load(w_ptr, cs, c_in, ACC) * rstd
     grad_bias = tl.zeros([BLOCK_C], ACC)
     sum_x = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        g_sum = tl.load(gsum_ptr + at, mask=inside, other=0.0).to(ACC)
-        d = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC) - mu[None, :]
-        s = tl.load(sig_ptr + at, mask=inside, other=0.0).to(ACC) * gate_scale
-        gz = tl.load(gz_ptr + at, mask=inside, other=0.0).to(ACC)
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        g_sum = _load(gsum_ptr, at, inside, ACC)
+        d = _load(m_ptr, at, inside, ACC) - mu[None, :]
+        s = _load(sig_ptr, at, inside, ACC) * gate_scale
+        gz = _load(gz_ptr, at, inside, ACC)
         grad_bias += tl.sum(s * g_sum + gz, axis=0)
-        sum_x += tl.sum(tl.where(inside, s * (tl.load(guc_ptr + at, mask=inside, other=0.0).to(ACC) + d * g_sum) +
+        sum_x += tl.sum(tl.where(inside, s * (_load(guc_ptr, at, inside, ACC) + d * g_sum) +
                                  gz * d, 0.0), axis=0)
     grad_weight = rstd * sum_x
     tl.store(gw_ptr + cs, grad_weight, mask=c_in)
@@ -538,12 +533,10 @@ def _bn_se_backward_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, gz_ptr, mu
     q = -k * rstd * grad_weight / count
     tl.store(q_ptr + cs, q, mask=c_in)
     for start in range(0, N, BLOCK_N):
-        ns = start + tl.arange(0, BLOCK_N)
-        inside = (ns < N)[:, None] & c_in[None, :]
-        at = ns[:, None] * C + cs[None, :]
-        d = tl.load(m_ptr + at, mask=inside, other=0.0).to(ACC) - mu[None, :]
-        s = tl.load(sig_ptr + at, mask=inside, other=0.0).to(ACC) * gate_scale
-        gz = tl.load(gz_ptr + at, mask=inside, other=0.0).to(ACC)
+        inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
+        d = _load(m_ptr, at, inside, ACC) - mu[None, :]
+        s = _load(sig_ptr, at, inside, ACC) * gate_scale
+        gz = _load(gz_ptr, at, inside, ACC)
         tl.store(p_ptr + at, k[None, :] * s, mask=inside)
         tl.store(r_ptr + at, k[None, :] * (gz / area - grad_bias[None, :] / count) + q[None, :] * d, mask=inside)
 
