@@ -3,7 +3,9 @@
 Triton reads ``TRITON_INTERPRET`` when it compiles a kernel, so the checks run in a
 child process started with ``TRITON_INTERPRET=1`` (:func:`test_kernels_in_the_interpreter`
 runs this file there); in it, ``composer_se.fused`` runs its Triton kernels on CPU
-tensors, the whole model path included.
+tensors, the whole model path included. The interpreter does not compile, so
+:func:`test_every_kernel_compiles_for_an_h100` also compiles every kernel for an sm_90 GPU,
+which Triton does without one.
 """
 
 from __future__ import annotations
@@ -34,6 +36,35 @@ def test_kernels_in_the_interpreter():
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     passed = re.search(r'(\d+) passed', result.stdout)
     assert passed and int(passed.group(1)) >= 14, result.stdout[-2000:]  # the child ran the checks, not only this
+
+
+#: A value for each compile-time argument of the kernels: tile sizes as the launchers pick them, and the optional parts on.
+CONSTEXPRS = {'BLOCK_HW': 64, 'BLOCK_C': 16, 'BLOCK_N': 256, 'HAS_RUNNING': True, 'HAS_R2': True}
+ACTIVATION_POINTERS = {'x_ptr', 'y_ptr', 'g_ptr', 'u_ptr', 'out_ptr'}  # bf16 activations; the rest is float32
+SCALARS = {'momentum', 'eps', 'unbias', 'count', 'area', 'r2_scale'}  # float arguments; the rest are sizes and strides
+
+
+@pytest.mark.skipif(INTERPRETING, reason='the interpreter does not compile')
+def test_every_kernel_compiles_for_an_h100():
+    """What the interpreter cannot check: each kernel compiles, through PTX and ptxas, for sm_90 (no GPU needed)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from composer_se.fused import triton_ops
+    kernels = [value for name, value in vars(triton_ops).items() if name.endswith('_kernel')]
+    assert len(kernels) == 10
+    for kernel in kernels:
+        constants = {name: tl.float32 if name == 'ACC' else CONSTEXPRS[name]
+                     for name in kernel.arg_names if kernel.params[kernel.arg_names.index(name)].is_constexpr}
+        signature = {name: 'constexpr' if name in constants else '*bf16' if name in ACTIVATION_POINTERS else
+                     '*fp32' if name.endswith('_ptr') else 'fp32' if name in SCALARS else 'i32'
+                     for name in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32))
+        assert compiled.asm['cubin'], kernel.fn.__name__
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
