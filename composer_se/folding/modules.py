@@ -60,9 +60,8 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
         momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
         if use_batch_stats:
             return squeeze_excite_batch_norm(input, se, self, momentum, running_mean, running_var)
-        inv_std = self.weight * torch.rsqrt(self.running_var + self.eps)
-        scale = se.gate(input.mean((2, 3), dtype=inv_std.dtype).to(se.fc1.weight.dtype)) * inv_std
-        return affine(input, scale, self.bias - self.running_mean * inv_std)
+        k, shift = self._running_affine(running_mean, running_var)
+        return affine(input, se.gate(input.mean((2, 3), dtype=k.dtype).to(se.fc1.weight.dtype)) * k, shift)
 
 
 def _timm_batch_norm_act() -> Optional[type]:

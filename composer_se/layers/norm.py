@@ -35,6 +35,15 @@ class ScriptableBatchNorm2d(nn.BatchNorm2d):
         return (momentum, use_batch_stats, self.running_mean if keep_stats else None,
                 self.running_var if keep_stats else None)
 
+    def _running_affine(self, running_mean: torch.Tensor,
+                        running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, shift)`` per channel such that normalising with these statistics is ``u * k + shift``."""
+        k = torch.rsqrt(running_var + self.eps)
+        if self.weight is None:
+            return k, -running_mean * k
+        k = k * self.weight
+        return k, self.bias - running_mean * k
+
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         """Exactly ``BatchNorm2d.forward``: training and eval, ``momentum=None``, ``track_running_stats``."""
         self._check_input_dim(input)
@@ -89,11 +98,7 @@ class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
         if use_batch_stats:
             return batch_norm_squeeze_excite(input, self, self.se, momentum, running_mean, running_var)
         # Running statistics: bn(u) = k u + shift per channel, squeezed to k mean_hw(u) + shift.
-        k = torch.rsqrt(running_var + self.eps)
-        shift = -running_mean * k
-        if self.weight is not None:
-            k = k * self.weight
-            shift = self.bias + shift * self.weight
+        k, shift = self._running_affine(running_mean, running_var)
         s = self.se.gate((input.mean((2, 3), dtype=k.dtype) * k + shift).to(self.se.fc1.weight.dtype))
         return affine(input, s * k, s * shift)
 
