@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from composer_se import apply_squeeze_excite  # noqa: E402
-from composer_se.placement import registered_blocks  # noqa: E402
+from composer_se.placement import find_sites  # noqa: E402
 
 __all__ = ['PlainSE', 'chosen_convs', 'saved_bytes', 'with_composer_se', 'with_our_block_se', 'with_our_se',
            'with_plain_block_se']
@@ -76,16 +76,10 @@ class PlainSE(nn.Module):
 def with_plain_block_se(model: nn.Module, ratio: float = 1 / 16) -> nn.Module:
     """A :class:`PlainSE` after the last module of every registered residual branch (``bn3`` of a Bottleneck)."""
     model = copy.deepcopy(model)
-    ends = registered_blocks()
-    for block in list(model.modules()):
-        end = next((ends[t] for t in type(block).__mro__ if t in ends), None)
-        if end is None:
-            continue
-        parent_name, _, child = end.rpartition('.')
-        parent = block.get_submodule(parent_name)
-        norm = getattr(parent, child)
-        channels = norm.num_features
-        setattr(parent, child, nn.Sequential(norm, PlainSE(channels, max(1, round(channels * ratio)))))
+    for site in find_sites(model, 'block'):
+        parent_name, _, child = site.names[0].rpartition('.')
+        setattr(model.get_submodule(parent_name), child,
+                nn.Sequential(site.module, PlainSE(site.channels, max(1, round(site.channels * ratio)))))
     return model
 
 

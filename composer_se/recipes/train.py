@@ -104,11 +104,10 @@ def build_trainer(config: RecipeConfig) -> Trainer:
     device = config.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     precision = config.precision or ('amp_bf16' if device == 'gpu' else 'fp32')
     algorithms = build_algorithms(config.algorithms)
-    if any(type(a).__name__ in ('RandAugment', 'AugMix') for a in algorithms) and config.data.source not in (
-            'cifar10', 'imagefolder'):
+    in_dataset = _dataset_algorithms(algorithms)
+    if {'randaugment', 'augmix'} & set(in_dataset) and config.data.source not in ('cifar10', 'imagefolder'):
         raise RecipeError(f'randaugment and augmix transform images in the dataset; they need data.source cifar10 or '
                           f'imagefolder, not {config.data.source}')
-    in_dataset = _dataset_algorithms(algorithms)
     if config.data.on_device and in_dataset:
         raise RecipeError(f'{", ".join(in_dataset)} transform PIL images in a torch dataset, which data.on_device=true '
                           f'does not have; set data.on_device=false to use them')
