@@ -55,10 +55,7 @@ def test_a_load_that_fails_elsewhere_leaves_no_wrapper_behind_the_next_guard(tmp
     """A load that stops before Event.AFTER_LOAD for another reason (here a missing file) keeps its guard's wrapper
     registered; the next guard wraps Composer's factory beneath it and restores that factory, not the stale wrapper."""
     with pytest.raises(FileNotFoundError):
-        Trainer(model=ComposerClassifier(small_cnn(), num_classes=4),
-                train_dataloader=DataLoader(TensorDataset(*learnable_data()), batch_size=32), max_duration='1ep',
-                algorithms=[SqueezeExcite(latent_channels=4, min_channels=16)],
-                load_path=str(tmp_path / 'missing.pt'), device='cpu', progress_bar=False)
+        make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], load_path=str(tmp_path / 'missing.pt'))
     assert composer.algorithms.composer_se.SqueezeExcite is not SqueezeExcite  # the failed load's guard is still on
     saved = make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], save_folder=str(tmp_path / 'se'),
                          save_interval='1ep', max_duration='1ep')

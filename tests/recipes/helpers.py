@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted((ROOT / 'yamls').glob('*.yaml'))
 COMPOSER = str(Path(sys.executable).with_name('composer'))
+DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
+#: The lines a finished run prints last.
+FINAL_LINES = re.compile(r'^(trained .*|final eval accuracy: .*|final weights fingerprint: .*)$', re.M)
 
 #: Overrides that shrink any recipe to a few CPU batches of synthetic data.
 SHRINK = [
@@ -29,6 +35,34 @@ SHRINK = [
     'loggers.progress_bar=false',
     'scheduler.t_warmup=1ba',
 ]
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    """``composer_se.train.main`` on the demo recipe with ``args``, in this process: exit status, stdout and stderr."""
+    from composer_se.recipes.train import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([DEMO, *args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    """The one line a refused run prints."""
+    lines = [line for line in err.splitlines() if line.startswith('composer_se.train: error: ')]
+    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+    return lines[0]
+
+
+def killed_copy(reference_folder: Path, folder: Path, last: int, link: bool, per_epoch: int = 8) -> Path:
+    """``folder`` as a run killed after saving batch ``last`` would leave it, from the checkpoints a run saved every
+    2 batches (``per_epoch`` an epoch) in ``reference_folder`` (``link``: latest-rank0.pt made)."""
+    folder.mkdir(parents=True)
+    for batch in range(2, last + 1, 2):
+        name = f'ep{(batch - 1) // per_epoch}-ba{batch}-rank0.pt'
+        shutil.copy(reference_folder / name, folder / name)
+    if link:
+        os.symlink(f'ep{(last - 1) // per_epoch}-ba{last}-rank0.pt', folder / 'latest-rank0.pt')
+    return folder
 
 
 def write_image_tree(root: Path, splits=('train', 'val'), classes=('cat', 'dog'), per_class=8, size=16) -> Path:

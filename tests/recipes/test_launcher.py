@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from composer_se.recipes.train import main
-from tests.recipes.helpers import ROOT, SHRINK, finish, fingerprints, launch, write_mds
+from tests.recipes.helpers import DEMO, ROOT, SHRINK, finish, fingerprints, launch, write_mds
 
-DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 CIFAR_JPEG = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'eval_interval=1ep']
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,11 +17,9 @@ from composer_se.recipes.config import DataConfig, RecipeError, load_recipe
 from composer_se.recipes.data.loaders import NORMALIZATION, build_dataloader, read_image
 from composer_se.recipes.data.on_device import (DeviceBatches, build_device_dataloader, crop_and_flip, decode,
                                                 training_device)
-from composer_se.recipes.train import build_trainer, main
-from tests.recipes.helpers import ROOT, SHRINK, finish, fingerprints, launch, write_image_tree
-
-DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
-FINAL_LINES = re.compile(r'^(trained .*|final eval accuracy: .*|final weights fingerprint: .*)$', re.M)
+from composer_se.recipes.train import build_trainer
+from tests.recipes.helpers import (DEMO, FINAL_LINES, SHRINK, error_line, fingerprints, finish,
+                                   killed_copy, launch, run_main, write_image_tree)
 
 
 @pytest.fixture(scope='module')
@@ -39,13 +33,6 @@ def on_device(tree: Path) -> list[str]:
     """The demo recipe shrunk to resnet20 on ``tree``'s images held on the device: 4 batches of 8 an epoch."""
     return [*SHRINK, 'model.name=resnet20', 'data.source=imagefolder', f'data.root={tree}', 'data.on_device=true',
             'eval_interval=1ep', 'eval_batch_size=8']
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main([DEMO, *args])
-    return status, out.getvalue(), err.getvalue()
 
 
 def numbered(count: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +59,9 @@ def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     (['algorithms.colout.batch=false'], 'colout transform PIL images in a torch dataset'),
 ])
 def test_on_device_is_refused_where_it_does_not_apply(overrides, message, tree):
-    status, out, err = run(*on_device(tree), *overrides)
+    status, out, err = run_main(*on_device(tree), *overrides)
     assert status == 2 and 'SqueezeExcite:' not in out
-    (line,) = [line for line in err.splitlines() if line.startswith('composer_se.train: error: ')]
-    assert message in line, line
+    assert message in error_line(err)
 
 
 def test_training_device_is_the_trainers():
@@ -129,10 +115,9 @@ def test_an_unreadable_or_odd_sized_image_stops_the_run_naming_it(damage, worker
     else:
         write_image_tree(tmp_path / 'small', splits=('train',), size=16)
         shutil.copy(tmp_path / 'small' / 'train' / 'dog' / '0.png', path)
-    status, _, err = run(*on_device(root), f'data.num_workers={workers}')
+    status, _, err = run_main(*on_device(root), f'data.num_workers={workers}')
     assert status == 1
-    (line,) = [line for line in err.splitlines() if line.startswith('composer_se.train: error: ')]
-    assert message.format(path=path) in line, err[-3000:]
+    assert message.format(path=path) in error_line(err)
 
 
 # --- the batches ------------------------------------------------------------------------------------------------
@@ -242,17 +227,14 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(t
     common = [*on_device(tree), 'max_duration=2ep', 'run_name=tiny', 'checkpoint.autoresume=true',
               'checkpoint.save_interval=2ba']
     reference = tmp_path / 'reference'
-    status, out, err = run(*common, f'checkpoint.save_folder={reference}')
+    status, out, err = run_main(*common, f'checkpoint.save_folder={reference}')
     assert status == 0, err[-3000:]
     expected = FINAL_LINES.findall(out)
     assert len(expected) == 3 and expected[0] == 'trained 2 epochs, 8 batches'
 
-    killed = tmp_path / 'killed'  # as a run killed after saving batch 6 (batch 2 of epoch 1) leaves its folder
-    killed.mkdir()
-    for name in ('ep0-ba2-rank0.pt', 'ep0-ba4-rank0.pt', 'ep1-ba6-rank0.pt'):
-        shutil.copy(reference / name, killed / name)
-    os.symlink('ep1-ba6-rank0.pt', killed / 'latest-rank0.pt')
-    status, out, err = run(*common, f'checkpoint.save_folder={killed}')
+    # as a run killed after saving batch 6 (batch 2 of epoch 1) leaves its folder
+    killed = killed_copy(reference, tmp_path / 'killed', 6, link=True, per_epoch=4)
+    status, out, err = run_main(*common, f'checkpoint.save_folder={killed}')
     assert status == 0, err[-3000:]
     assert f'loaded checkpoint {killed}/latest-rank0.pt: continuing at epoch 1, batch 6' in out
     assert FINAL_LINES.findall(out) == expected

@@ -11,10 +11,10 @@ from composer.core import Callback
 
 from composer_se import SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
 from composer_se.recipes.builders import ALGORITHMS, build_algorithms
-from composer_se.recipes.config import RecipeConfig, load_recipe
+from composer_se.recipes.config import ModelConfig, RecipeConfig, RecipeError, load_recipe
 from composer_se.recipes.models import cifar_resnet
 from composer_se.recipes.train import build_trainer, main
-from tests.recipes.helpers import SHRINK, YAMLS, write_image_tree, write_mds
+from tests.recipes.helpers import DEMO, SHRINK, YAMLS, write_image_tree, write_mds
 
 SE_MODULES = (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d)
 SE_BLOCKS = {
@@ -27,7 +27,6 @@ SE_BLOCKS = {
     'resnet56_cifar10_fast_baseline.yaml': 0,
     'resnet50_imagenet_baseline.yaml': 0,
 }
-DEMO = str([path for path in YAMLS if path.name == 'resnet56_synthetic_demo.yaml'][0])
 
 
 def se_blocks(trainer) -> list[str]:
@@ -310,7 +309,6 @@ def test_streaming_shuffles_each_epoch(tmp_path):
 
 
 def test_local_weights_load_and_a_mismatch_is_named(tmp_path, capsys):
-    from composer_se.recipes.config import ModelConfig
     from composer_se.recipes.models import build_module
     source = cifar_resnet(20)
     torch.save(source.state_dict(), tmp_path / 'weights.pt')
@@ -376,14 +374,11 @@ def test_the_demo_model_starts_with_small_outputs(seed):
 
 def test_zero_init_residual_reaches_each_model_source_or_is_one_error():
     """CIFAR, torchvision and timm ResNets start their residual branches at zero; a model without that option says so."""
-    from composer_se.recipes.config import ModelConfig, RecipeError
     from composer_se.recipes.models import build_module
-    last_norms = {'resnet20': lambda m: m.layer1[0].bn2, 'resnet18': lambda m: m.layer1[0].bn2}
-    if importlib.util.find_spec('timm'):
-        last_norms['timm/resnet18'] = lambda m: m.layer1[0].bn2
-    for name, last_norm in last_norms.items():
+    has_timm = importlib.util.find_spec('timm') is not None
+    for name in ['resnet20', 'resnet18'] + (['timm/resnet18'] if has_timm else []):
         model = build_module(ModelConfig(name=name, zero_init_residual=True))
-        assert not last_norm(model).weight.any(), name
-    for name in ['mobilenet_v2'] + (['timm/efficientnet_b0'] if 'timm/resnet18' in last_norms else []):
+        assert not model.layer1[0].bn2.weight.any(), name
+    for name in ['mobilenet_v2'] + (['timm/efficientnet_b0'] if has_timm else []):
         with pytest.raises(RecipeError, match=f'model.zero_init_residual applies to .*not to {name}'):
             build_module(ModelConfig(name=name, zero_init_residual=True))

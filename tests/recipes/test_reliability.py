@@ -21,28 +21,17 @@ from composer_se.recipes.safe_load import read_checkpoint
 from composer_se.recipes.config import DataConfig
 from composer_se.recipes.data.loaders import DataError, build_dataloader
 from composer_se.recipes.train import main
-from tests.recipes.helpers import ROOT, SHRINK, write_image_tree, write_mds
+from tests.recipes.helpers import (DEMO, FINAL_LINES, ROOT, SHRINK, error_line, killed_copy, run_main,
+                                   write_image_tree, write_mds)
 
-DEMO = str(ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml')
 #: resnet20 with SE (latent_channels=64, min_channels=64: 7 blocks), 8 batches an epoch, 2 epochs.
 TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'data.synthetic_eval_samples=64',
         'eval_interval=1ep', 'max_duration=2ep', 'checkpoint.save_interval=2ba']
-FINAL_LINES = re.compile(r'^(trained .*|final eval accuracy: .*|final weights fingerprint: .*)$', re.M)
 
 
 def run(*overrides: str) -> tuple[int, str, str]:
     """``main`` on the tiny recipe: exit status, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main([DEMO, *TINY, *overrides])
-    return status, out.getvalue(), err.getvalue()
-
-
-def error_line(err: str) -> str:
-    """The one line a refused run prints."""
-    lines = [line for line in err.splitlines() if line.startswith('composer_se.train: error: ')]
-    assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
-    return lines[0]
+    return run_main(*TINY, *overrides)
 
 
 def autoresume(folder: Path) -> list[str]:
@@ -68,17 +57,6 @@ def plain_checkpoint(tmp_path_factory) -> Path:
     status, _, err = run('algorithms.squeeze_excite=null', 'max_duration=2ba', f'checkpoint.save_folder={folder}')
     assert status == 0, err[-3000:]
     return folder / 'ep0-ba2-rank0.pt'
-
-
-def killed_copy(reference_folder: Path, folder: Path, last: int, link: bool) -> Path:
-    """``folder`` as a run killed after saving batch ``last`` would leave it (``link``: latest-rank0.pt made)."""
-    folder.mkdir(parents=True)
-    for batch in range(2, last + 1, 2):
-        name = f'ep{(batch - 1) // 8}-ba{batch}-rank0.pt'
-        shutil.copy(reference_folder / name, folder / name)
-    if link:
-        os.symlink(f'ep{(last - 1) // 8}-ba{last}-rank0.pt', folder / 'latest-rank0.pt')
-    return folder
 
 
 def truncate(path: Path) -> None:
