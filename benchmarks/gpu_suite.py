@@ -5,9 +5,10 @@
 
 Parts, in this order (each in its own ``try``: a failure is recorded and the rest runs):
 
-1. **correctness**: on a small model in float32, the folded model against the unfolded
-   one, and the fused block end against SE written after the BatchNorm, outputs and
-   gradients; the kernels against float64 on a large bf16 channels_last activation;
+1. **correctness**: on a small model in float32 (TF32 off), ours (folded after convs, and
+   the fused block end) and the same SE written in plain operations, each against
+   float64, outputs and gradients; the kernels against float64 on a large bf16
+   channels_last activation;
 2. **kernels**: SE + BatchNorm (folded) and BatchNorm + SE (block end) against
    ``F.batch_norm`` alone on one ResNet-50 activation, forward and forward + backward,
    with the bytes each must move and the bandwidth reached;

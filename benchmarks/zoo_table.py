@@ -3,7 +3,8 @@
     python benchmarks/zoo_table.py
 
 For each model, the planner (``composer_se.plan``, which applies the surgery's own
-selection to a copy with ``meta`` weights, so nothing is computed) at recipe-style
+selection to a copy with ``meta`` weights where the model's constructor allows it, so
+no weight is allocated) at recipe-style
 settings: ``latent_channels=64`` and the method card's ``min_channels``, 512 for
 ImageNet-scale models, or the widest conv's output channels where no conv has 512 (the
 planner's advice for smaller models). It prints a Markdown table: the SE blocks added,
