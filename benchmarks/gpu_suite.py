@@ -325,6 +325,7 @@ def part_kernels(sizes: Sizes) -> dict:
             for tile in (2048, 4096, 8192):
                 for channels in (64, 128, 256):
                     triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = tile, channels
+                    triton_ops._tile.cache_clear()  # tiles are cached per shape
                     fn = variants['SE then BN (folded)']
                     for _ in range(2):
                         fn().backward(g)
@@ -334,6 +335,7 @@ def part_kernels(sizes: Sizes) -> dict:
                     sweep[f'TILE={tile} MAX_TILE_CHANNELS={channels}'] = 1e3 * timer.seconds / sizes.steps
         finally:
             triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = defaults
+            triton_ops._tile.cache_clear()
         result['tile sweep, SE then BN forward+backward ms'] = sweep
     return result
 

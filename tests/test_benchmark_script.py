@@ -168,3 +168,22 @@ def test_data_loading_dry_run_times_both_loaders_and_the_model(tmp_path):
         (row,) = [line for line in table.splitlines() if line.startswith(f'| {name} |')]
         assert float(row.split('|')[2]) > 0
     assert 'as fast as the worker-based loader' in table
+
+
+def test_host_cost_counts_what_each_fused_step_issues(tmp_path):
+    """benchmarks/host_cost.py with stubbed launches: the launches and torch operations of one training step."""
+    out = tmp_path / 'host.json'
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'host_cost.py'), '--stub-kernels', '--rounds',
+                             '1', '--steps', '2', '--json', str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())['rows']
+    assert '| SE then BatchNorm (folded) |' in result.stdout
+    assert rows['F.batch_norm']['triton_launches'] == 0
+    # Three kernels each way; the block end's statistics and its gate's gradient take one more each.
+    assert rows['SE then BatchNorm (folded)']['triton_launches'] == 6
+    assert rows['BatchNorm then SE (block end)']['triton_launches'] == 8
+    for name in ('SE then BatchNorm (folded)', 'BatchNorm then SE (block end)'):
+        ops = rows[name]['ops']
+        # The gate: two linears and its backward; the kernels sum the logits' gradient over the batch.
+        assert ops['addmm'] == 2 and ops['mm'] == 4 and ops['sum'] == 1, ops
+        assert rows[name]['host_us'] > 0

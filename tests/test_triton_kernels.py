@@ -166,7 +166,8 @@ def test_statistic_kernels_against_float64(running):
         assert relative_error(ours, reference) < 1e-5
     sig = exact[0]
     got, exact = both('bn_se_gate_grad', g_sum, gu_c, m, sig, gate_scale, mu, rstd, weight, bias)
-    assert relative_error(got, exact) < 1e-5
+    for ours, reference in zip(got, exact):
+        assert relative_error(ours, reference) < 1e-5
     got, exact = both('bn_se_backward', g_sum, gu_c, m, sig, gate_scale, grad_z, mu, rstd, weight, count)
     for ours, reference in zip(got, exact):
         assert relative_error(ours, reference) < 1e-5

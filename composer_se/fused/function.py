@@ -99,12 +99,14 @@ def _count(u: torch.Tensor) -> int:
 def _gate_logits(squeezed: torch.Tensor, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate's hidden activation (N, L) and logits (N, C), in the parameters' dtype even under autocast."""
     with _autocast_off(squeezed.device.type):
-        hidden = torch.relu(F.linear(squeezed.to(w1.dtype), w1, b1))
+        hidden = F.linear(squeezed.to(w1.dtype), w1, b1).relu_()
         return hidden, F.linear(hidden, w2, b2)
 
 
-def _gate_backward(grad_z2: torch.Tensor, squeezed: torch.Tensor, hidden: torch.Tensor, w1, w2, needs) -> tuple:
-    """Back through ``W2 relu(W1 z + b1) + b2``: the gradient of ``z`` and of ``(w1, b1, w2, b2)``."""
+def _gate_backward(grad_z2: torch.Tensor, grad_b2: torch.Tensor, squeezed: torch.Tensor, hidden: torch.Tensor, w1, w2,
+                   needs) -> tuple:
+    """Back through ``W2 relu(W1 z + b1) + b2``, given ``grad_b2``, the batch sum of ``grad_z2``: the gradient of
+    ``z`` and of ``(w1, b1, w2, b2)``."""
     grad_z2 = grad_z2.to(w2.dtype)
     grad_z1 = torch.ops.aten.threshold_backward(grad_z2 @ w2, hidden, 0)
     grad_squeezed = (grad_z1 @ w1).to(squeezed.dtype)
@@ -113,7 +115,7 @@ def _gate_backward(grad_z2: torch.Tensor, squeezed: torch.Tensor, hidden: torch.
         grad_z1.t() @ squeezed.to(w1.dtype) if needs[0] else None,
         grad_z1.sum(0) if needs[1] else None,
         grad_z2.t() @ hidden if needs[2] else None,
-        grad_z2.sum(0) if needs[3] else None,
+        grad_b2.to(w2.dtype) if needs[3] else None,
     )
 
 
@@ -135,6 +137,7 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
         # The parameters by reference: they live on anyway (saving them would only make
         # saved-tensor accounting count them).
         ctx.params = (w1, w2, gate_scale, weight, bias)
+        ctx.ops, ctx.count = ops, count
         return out
 
     @staticmethod
@@ -142,12 +145,11 @@ class _SqueezeExciteBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         u, mean, var, sig, mu, rstd, hidden = ctx.saved_tensors
         w1, w2, gate_scale, weight, bias = ctx.params
-        ops = kernels_for(u)
-        count = _count(u)
+        ops, count = ctx.ops, ctx.count
         g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
-        grad_weight, grad_bias, grad_z2, p, q, r = ops.se_bn_backward(g_sum, gu_c, mean, var, sig, gate_scale, mu,
-                                                                      rstd, weight, count)
-        grad_squeezed, *grad_gate = _gate_backward(grad_z2, mean, hidden, w1, w2, ctx.needs_input_grad[1:5])
+        grad_weight, grad_bias, grad_z2, grad_b2, p, q, r = ops.se_bn_backward(g_sum, gu_c, mean, var, sig,
+                                                                               gate_scale, mu, rstd, weight, count)
+        grad_squeezed, *grad_gate = _gate_backward(grad_z2, grad_b2, mean, hidden, w1, w2, ctx.needs_input_grad[1:5])
         grad_u = ops.affine2(grad_out, u, p, q, mean, r, grad_squeezed, 1.0 / (count // u.shape[0]))
         return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
                 None)
@@ -167,6 +169,7 @@ class _BatchNormSqueezeExcite(torch.autograd.Function):
         out = ops.affine(u, scale, shift).detach()  # detach: as in _SqueezeExciteBatchNorm
         ctx.save_for_backward(u, mean, sig, mu, rstd, hidden, squeezed)
         ctx.params = (w1, w2, gate_scale, weight, bias)
+        ctx.ops, ctx.count = ops, count
         return out
 
     @staticmethod
@@ -174,11 +177,11 @@ class _BatchNormSqueezeExcite(torch.autograd.Function):
     def backward(ctx, grad_out):
         u, mean, sig, mu, rstd, hidden, squeezed = ctx.saved_tensors
         w1, w2, gate_scale, weight, bias = ctx.params
-        ops = kernels_for(u)
-        count = _count(u)
+        ops, count = ctx.ops, ctx.count
         g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
-        grad_z2 = ops.bn_se_gate_grad(g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias)
-        grad_squeezed, *grad_gate = _gate_backward(grad_z2, squeezed, hidden, w1, w2, ctx.needs_input_grad[1:5])
+        grad_z2, grad_b2 = ops.bn_se_gate_grad(g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias)
+        grad_squeezed, *grad_gate = _gate_backward(grad_z2, grad_b2, squeezed, hidden, w1, w2,
+                                                   ctx.needs_input_grad[1:5])
         grad_weight, grad_bias, p, q, r = ops.bn_se_backward(g_sum, gu_c, mean, sig, gate_scale, grad_squeezed, mu,
                                                              rstd, weight, count)
         grad_u = ops.affine2(grad_out, u, p, q, mean, r)

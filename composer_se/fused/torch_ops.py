@@ -164,8 +164,9 @@ def se_bn_forward(mean: Tensor, var: Tensor, z2: Tensor, gate_scale: Tensor, wei
 
 
 def se_bn_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, var: Tensor, sig: Tensor, gate_scale: Tensor, mu: Tensor,
-                   rstd: Tensor, weight: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SE then BatchNorm, backward: ``(grad_weight, grad_bias, grad_z2, P, Q, R)``.
+                   rstd: Tensor, weight: Tensor,
+                   count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SE then BatchNorm, backward: ``(grad_weight, grad_bias, grad_z2, sum_n grad_z2, P, Q, R)``.
 
     With ``gu = gu_c + m * g_sum`` (``sum_hw g * u``) and ``k = gamma * rstd``:
     ``grad_bias = sum_n g_sum``, ``grad_weight = rstd (sum_n s gu - mu grad_bias)``;
@@ -190,7 +191,7 @@ def se_bn_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, var: Tensor, sig: 
     p = k * s
     q = -b * s * s
     r = s * (b * (mu - s * mean) - a)
-    return grad_weight, grad_bias, grad_z2, p, q, r
+    return grad_weight, grad_bias, grad_z2, grad_z2.sum(0), p, q, r
 
 
 def bn_stats(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor],
@@ -224,8 +225,8 @@ def bn_se_scale(z2: Tensor, gate_scale: Tensor, mu: Tensor, rstd: Tensor, weight
 
 
 def bn_se_gate_grad(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate_scale: Tensor, mu: Tensor,
-                    rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """BatchNorm then SE, the gradient of the gate's logits ``grad_z2`` (N, C).
+                    rstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm then SE, the gradient of the gate's logits ``grad_z2`` (N, C) and its sum over the batch.
 
     ``grad_s = sum_hw g * bn(u) = k (gu_c + (m - mu) g_sum) + beta g_sum`` and
     ``grad_z2 = grad_s * gate_scale * sig (1 - sig)``.
@@ -233,7 +234,8 @@ def bn_se_gate_grad(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate
     acc = mean.dtype
     k = weight.to(acc) * rstd
     grad_s = k * (gu_c + (mean - mu) * g_sum) + bias.to(acc) * g_sum
-    return grad_s * gate_scale.to(acc) * sig * (1 - sig)
+    grad_z2 = grad_s * gate_scale.to(acc) * sig * (1 - sig)
+    return grad_z2, grad_z2.sum(0)
 
 
 def bn_se_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate_scale: Tensor, grad_z: Tensor,

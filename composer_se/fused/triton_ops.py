@@ -23,6 +23,7 @@ which is how the tests check them on a machine without a GPU.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -57,31 +58,44 @@ STAT_TILE = 4096
 MAX_STAT_ROWS = 256
 
 
+#: The accumulation dtype of each input dtype, in torch and in Triton: float32 for half
+#: precision and float32, float64 for float64
+#: (:func:`~composer_se.fused.torch_ops.accumulation_dtype`).
+_ACC = {dtype: (accumulation_dtype(dtype), {torch.float32: tl.float32, torch.float64: tl.float64}[
+    accumulation_dtype(dtype)]) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """The accumulation dtype (:func:`~composer_se.fused.torch_ops.accumulation_dtype`), in torch and in Triton."""
-    acc = accumulation_dtype(dtype)
-    return acc, {torch.float32: tl.float32, torch.float64: tl.float64}[acc]
+    """The accumulation dtype of ``dtype``, in torch and in Triton."""
+    try:
+        return _ACC[dtype]
+    except KeyError:
+        raise TypeError(f'SE kernels take float16, bfloat16, float32 or float64 tensors, got {dtype}') from None
 
 
-def _view(t: Tensor) -> tuple[Tensor, int, int, int]:
-    """``t`` (N, C, H, W) and its strides along N, C and the merged H*W axis.
+def _layout(t: Tensor) -> tuple[Tensor, int, int, int, int, int]:
+    """``t`` (N, C, H, W), its strides along N, C and the merged H*W axis, and its tile ``(BLOCK_HW, BLOCK_C)``.
 
     NCHW-contiguous and channels_last tensors are used as they are; any other layout is
     copied to NCHW first.
     """
-    n, c, h, w = t.shape
-    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        t = t.contiguous()
+    _, c, h, w = t.shape
+    if t.is_contiguous():
+        channels_last = False
+    elif t.is_contiguous(memory_format=torch.channels_last):
+        channels_last = True
+    else:
+        t, channels_last = t.contiguous(), False
     stride_n, stride_c, stride_h, stride_w = t.stride()
-    if h > 1 and w > 1 and stride_h != w * stride_w:  # cannot happen for the two dense layouts
-        t = t.contiguous()
-        stride_n, stride_c, stride_h, stride_w = t.stride()
-    return t, stride_n, stride_c, (stride_w if w > 1 else stride_h)
+    # H and W merge into one axis: stride_h == w * stride_w in both layouts.
+    return (t, stride_n, stride_c, stride_w if w > 1 else stride_h, *_tile(channels_last, c, h * w))
 
 
-def _tile(t: Tensor, channels: int, area: int) -> tuple[int, int]:
-    """``(BLOCK_HW, BLOCK_C)`` for ``t``: long along its contiguous axis, :data:`TILE` elements in all."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+@functools.lru_cache(maxsize=None)
+def _tile(channels_last: bool, channels: int, area: int) -> tuple[int, int]:
+    """``(BLOCK_HW, BLOCK_C)``: :data:`TILE` elements, long along the contiguous axis (C for channels_last, H*W for
+    NCHW), the one the tile's loads run along."""
+    if channels_last:
         block_c = min(triton.next_power_of_2(channels), MAX_TILE_CHANNELS)
         return max(1, min(triton.next_power_of_2(area), TILE // block_c)), block_c
     block_hw = min(triton.next_power_of_2(area), 1024)
@@ -121,19 +135,19 @@ def _channel_stats_kernel(x_ptr, mean_ptr, var_ptr, C, HW, sx_n, sx_c, sx_hw, BL
 def channel_stats(u: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and variance of ``u`` over H, W (see :func:`~composer_se.fused.torch_ops.channel_stats`)."""
     n, c, h, w = u.shape
-    x, sn, sc, shw = _view(u)
+    x, sn, sc, shw, block_hw, block_c = _layout(u)
     acc, acc_tl = _acc(u.dtype)
     mean = torch.empty(n, c, device=u.device, dtype=acc)
     var = torch.empty(n, c, device=u.device, dtype=acc)
-    block_hw, block_c = _tile(x, c, h * w)
     _channel_stats_kernel[(n, triton.cdiv(c, block_c))](x, mean, var, c, h * w, sn, sc, shw, BLOCK_HW=block_hw,
                                                         BLOCK_C=block_c, ACC=acc_tl)
     return mean, var
 
 
 @triton.jit
-def _affine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, C, HW, sx_n, sx_c, sx_hw, sy_n, sy_c, sy_hw, sa_n, sa_c, sb_n, sb_c,
+def _affine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, C, HW, sx_n, sx_c, sx_hw, sa_n, sa_c, sb_n, sb_c,
                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    # y is laid out as x is.
     n = tl.program_id(0)
     hws = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -142,10 +156,9 @@ def _affine_kernel(x_ptr, y_ptr, a_ptr, b_ptr, C, HW, sx_n, sx_c, sx_hw, sy_n, s
     a = tl.load(a_ptr + n * sa_n + cs * sa_c, mask=c_in, other=0.0).to(ACC)
     b = tl.load(b_ptr + n * sb_n + cs * sb_c, mask=c_in, other=0.0).to(ACC)
     n64 = n.to(tl.int64)
-    x = tl.load(x_ptr + n64 * sx_n + hws[:, None] * sx_hw + cs[None, :] * sx_c, mask=inside, other=0.0).to(ACC)
-    y = x * a[None, :] + b[None, :]
-    tl.store(y_ptr + n64 * sy_n + hws[:, None] * sy_hw + cs[None, :] * sy_c, y.to(y_ptr.dtype.element_ty),
-             mask=inside)
+    at = n64 * sx_n + hws[:, None] * sx_hw + cs[None, :] * sx_c
+    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC)
+    tl.store(y_ptr + at, (x * a[None, :] + b[None, :]).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def _per_channel(t: Tensor) -> tuple[Tensor, int, int]:
@@ -158,15 +171,13 @@ def _per_channel(t: Tensor) -> tuple[Tensor, int, int]:
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` per (n, c), in ``x``'s dtype and memory format."""
     n, c, h, w = x.shape
-    x, sn, sc, shw = _view(x)
-    y = torch.empty_like(x)
-    _, yn, yc, yhw = _view(y)
+    x, sn, sc, shw, block_hw, block_c = _layout(x)
+    y = torch.empty_like(x)  # a dense tensor's strides: x's
     a, an, ac = _per_channel(scale)
     b, bn, bc = _per_channel(shift)
-    block_hw, block_c = _tile(x, c, h * w)
     grid = (n, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c))
-    _affine_kernel[grid](x, y, a, b, c, h * w, sn, sc, shw, yn, yc, yhw, an, ac, bn, bc, BLOCK_HW=block_hw,
-                         BLOCK_C=block_c, ACC=_acc(x.dtype)[1])
+    _affine_kernel[grid](x, y, a, b, c, h * w, sn, sc, shw, an, ac, bn, bc, BLOCK_HW=block_hw, BLOCK_C=block_c,
+                         ACC=_acc(x.dtype)[1])
     return y
 
 
@@ -194,12 +205,11 @@ def _grad_sums_kernel(g_ptr, u_ptr, m_ptr, gsum_ptr, gusum_ptr, C, HW, sg_n, sg_
 def grad_sums(g: Tensor, u: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """``sum_hw g`` and ``sum_hw g * (u - mean)`` per (n, c), in ``mean``'s dtype, in one pass."""
     n, c, h, w = u.shape
-    g, gn, gc, ghw = _view(g)
-    u, un, uc, uhw = _view(u)
+    g, gn, gc, ghw, _, _ = _layout(g)
+    u, un, uc, uhw, block_hw, block_c = _layout(u)
     mean = mean.contiguous()
     g_sum = torch.empty_like(mean)
     gu_sum = torch.empty_like(mean)
-    block_hw, block_c = _tile(u, c, h * w)
     _grad_sums_kernel[(n, triton.cdiv(c, block_c))](g, u, mean, g_sum, gu_sum, c, h * w, gn, gc, ghw, un, uc, uhw,
                                                     BLOCK_HW=block_hw, BLOCK_C=block_c,
                                                     ACC=_acc(mean.dtype)[1])
@@ -208,8 +218,9 @@ def grad_sums(g: Tensor, u: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
 
 @triton.jit
 def _affine2_kernel(g_ptr, u_ptr, out_ptr, p_ptr, q_ptr, m_ptr, r_ptr, r2_ptr, r2_scale, C, HW, sg_n, sg_c, sg_hw,
-                    su_n, su_c, su_hw, so_n, so_c, so_hw, sq_n, HAS_R2: tl.constexpr, BLOCK_HW: tl.constexpr,
-                    BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                    su_n, su_c, su_hw, sq_n, HAS_R2: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ACC: tl.constexpr):
+    # out is laid out as u is.
     n = tl.program_id(0)
     hws = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -224,26 +235,23 @@ def _affine2_kernel(g_ptr, u_ptr, out_ptr, p_ptr, q_ptr, m_ptr, r_ptr, r2_ptr, r
         r += tl.load(r2_ptr + row, mask=c_in, other=0.0).to(ACC) * r2_scale
     n64 = n.to(tl.int64)
     g = tl.load(g_ptr + n64 * sg_n + hws[:, None] * sg_hw + cs[None, :] * sg_c, mask=inside, other=0.0).to(ACC)
-    u = tl.load(u_ptr + n64 * su_n + hws[:, None] * su_hw + cs[None, :] * su_c, mask=inside, other=0.0).to(ACC)
+    at = n64 * su_n + hws[:, None] * su_hw + cs[None, :] * su_c
+    u = tl.load(u_ptr + at, mask=inside, other=0.0).to(ACC)
     out = g * p[None, :] + (u - m[None, :]) * q[None, :] + r[None, :]
-    tl.store(out_ptr + n64 * so_n + hws[:, None] * so_hw + cs[None, :] * so_c, out.to(out_ptr.dtype.element_ty),
-             mask=inside)
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tensor, r2: Optional[Tensor] = None,
             r2_scale: float = 0.0) -> Tensor:
     """``g * p + (u - center) * q + r (+ r2 * r2_scale)`` per (n, c), in ``u``'s dtype and layout, in one pass."""
     n, c, h, w = u.shape
-    g, gn, gc, ghw = _view(g)
-    u, un, uc, uhw = _view(u)
-    out = torch.empty_like(u)
-    _, on, oc, ohw = _view(out)
-    p, center, r = p.contiguous(), center.contiguous(), r.contiguous()
-    q = q.contiguous()
-    block_hw, block_c = _tile(u, c, h * w)
+    g, gn, gc, ghw, _, _ = _layout(g)
+    u, un, uc, uhw, block_hw, block_c = _layout(u)
+    out = torch.empty_like(u)  # a dense tensor's strides: u's
+    p, q, center, r = p.contiguous(), q.contiguous(), center.contiguous(), r.contiguous()
     grid = (n, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c))
     _affine2_kernel[grid](g, u, out, p, q, center, r, r if r2 is None else r2.contiguous(), float(r2_scale), c, h * w,
-                          gn, gc, ghw, un, uc, uhw, on, oc, ohw, 0 if q.dim() == 1 else c, HAS_R2=r2 is not None,
+                          gn, gc, ghw, un, uc, uhw, 0 if q.dim() == 1 else c, HAS_R2=r2 is not None,
                           BLOCK_HW=block_hw, BLOCK_C=block_c, ACC=_acc(p.dtype)[1])
     return out
 
@@ -318,6 +326,7 @@ def _se_bn_forward_kernel(m_ptr, v_ptr, z_ptr, gs_ptr, w_ptr, b_ptr, rm_ptr, rv_
         tl.store(a_ptr + at, s * k[None, :], mask=inside)
 
 
+@functools.lru_cache(maxsize=None)
 def _stat_launch(n: int, c: int) -> tuple[tuple[int], dict]:
     """The grid and block sizes of an (N, C) kernel: BLOCK_N rows by BLOCK_C channels a step."""
     block_n = min(triton.next_power_of_2(n), MAX_STAT_ROWS)
@@ -351,7 +360,7 @@ def se_bn_forward(mean: Tensor, var: Tensor, z2: Tensor, gate_scale: Tensor, wei
 
 @triton.jit
 def _se_bn_backward_kernel(gsum_ptr, guc_ptr, m_ptr, v_ptr, sig_ptr, gs_ptr, mu_ptr, rstd_ptr, w_ptr, gw_ptr, gb_ptr,
-                           gz_ptr, p_ptr, q_ptr, r_ptr, N, C, count, area, BLOCK_N: tl.constexpr,
+                           gz_ptr, gzsum_ptr, p_ptr, q_ptr, r_ptr, N, C, count, area, BLOCK_N: tl.constexpr,
                            BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
@@ -373,6 +382,7 @@ def _se_bn_backward_kernel(gsum_ptr, guc_ptr, m_ptr, v_ptr, sig_ptr, gs_ptr, mu_
     tl.store(gb_ptr + cs, grad_bias, mask=c_in)
     a = k * grad_bias / count
     b = k * rstd * grad_weight / count
+    grad_z_sum = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
         inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
         g_sum = _load(gsum_ptr, at, inside, ACC)
@@ -382,23 +392,27 @@ def _se_bn_backward_kernel(gsum_ptr, guc_ptr, m_ptr, v_ptr, sig_ptr, gs_ptr, mu_
         sig = _load(sig_ptr, at, inside, ACC)
         s = sig * gate_scale
         grad_s = k[None, :] * gu - area * (a[None, :] * m + b[None, :] * (s * v + m * (s * m - mu[None, :])))
-        tl.store(gz_ptr + at, grad_s * gate_scale * sig * (1.0 - sig), mask=inside)
+        grad_z = grad_s * gate_scale * sig * (1.0 - sig)  # 0 outside: sig loads as 0
+        grad_z_sum += tl.sum(grad_z, axis=0)
+        tl.store(gz_ptr + at, grad_z, mask=inside)
         tl.store(p_ptr + at, k[None, :] * s, mask=inside)
         tl.store(q_ptr + at, -b[None, :] * s * s, mask=inside)
         tl.store(r_ptr + at, s * (b[None, :] * (mu[None, :] - s * m) - a[None, :]), mask=inside)
+    tl.store(gzsum_ptr + cs, grad_z_sum, mask=c_in)
 
 
 def se_bn_backward(g_sum: Tensor, gu_c: Tensor, mean: Tensor, var: Tensor, sig: Tensor, gate_scale: Tensor, mu: Tensor,
-                   rstd: Tensor, weight: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   rstd: Tensor, weight: Tensor,
+                   count: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`composer_se.fused.torch_ops.se_bn_backward`."""
     n, c = mean.shape
-    grad_weight, grad_bias = mean.new_empty(c), mean.new_empty(c)
+    grad_weight, grad_bias, grad_z2_sum = mean.new_empty(c), mean.new_empty(c), mean.new_empty(c)
     grad_z2, p, q, r = (torch.empty_like(mean) for _ in range(4))
     grid, blocks = _stat_launch(n, c)
     _se_bn_backward_kernel[grid](g_sum, gu_c, mean, var, sig, gate_scale, mu, rstd, weight, grad_weight,
-                                 grad_bias, grad_z2, p, q, r, n, c, float(count), float(count // n),
+                                 grad_bias, grad_z2, grad_z2_sum, p, q, r, n, c, float(count), float(count // n),
                                  **blocks, ACC=_acc(mean.dtype)[1])
-    return grad_weight, grad_bias, grad_z2, p, q, r
+    return grad_weight, grad_bias, grad_z2, grad_z2_sum, p, q, r
 
 
 @triton.jit
@@ -477,14 +491,15 @@ def bn_se_scale(z2: Tensor, gate_scale: Tensor, mu: Tensor, rstd: Tensor, weight
 
 
 @triton.jit
-def _bn_se_gate_grad_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, mu_ptr, rstd_ptr, w_ptr, b_ptr, gz_ptr, N, C,
-                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _bn_se_gate_grad_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, mu_ptr, rstd_ptr, w_ptr, b_ptr, gz_ptr,
+                            gzsum_ptr, N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cs < C
     gate_scale = tl.load(gs_ptr).to(ACC)
     mu = _load(mu_ptr, cs, c_in, ACC)
     k = _load(w_ptr, cs, c_in, ACC) * _load(rstd_ptr, cs, c_in, ACC)
     beta = _load(b_ptr, cs, c_in, ACC)
+    grad_z_sum = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
         inside, at = _rows(start, cs, c_in, N, C, BLOCK_N)
         g_sum = _load(gsum_ptr, at, inside, ACC)
@@ -492,18 +507,21 @@ def _bn_se_gate_grad_kernel(gsum_ptr, guc_ptr, m_ptr, sig_ptr, gs_ptr, mu_ptr, r
         grad_s = k[None, :] * (_load(guc_ptr, at, inside, ACC) +
                                (m - mu[None, :]) * g_sum) + beta[None, :] * g_sum
         sig = _load(sig_ptr, at, inside, ACC)
-        tl.store(gz_ptr + at, grad_s * gate_scale * sig * (1.0 - sig), mask=inside)
+        grad_z = grad_s * gate_scale * sig * (1.0 - sig)  # 0 outside: sig loads as 0
+        grad_z_sum += tl.sum(grad_z, axis=0)
+        tl.store(gz_ptr + at, grad_z, mask=inside)
+    tl.store(gzsum_ptr + cs, grad_z_sum, mask=c_in)
 
 
 def bn_se_gate_grad(g_sum: Tensor, gu_c: Tensor, mean: Tensor, sig: Tensor, gate_scale: Tensor, mu: Tensor,
-                    rstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+                    rstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """See :func:`composer_se.fused.torch_ops.bn_se_gate_grad`."""
     n, c = mean.shape
-    grad_z2 = torch.empty_like(mean)
+    grad_z2, grad_z2_sum = torch.empty_like(mean), mean.new_empty(c)
     grid, blocks = _stat_launch(n, c)
-    _bn_se_gate_grad_kernel[grid](g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias, grad_z2, n, c,
-                                  **blocks, ACC=_acc(mean.dtype)[1])
-    return grad_z2
+    _bn_se_gate_grad_kernel[grid](g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias, grad_z2, grad_z2_sum,
+                                  n, c, **blocks, ACC=_acc(mean.dtype)[1])
+    return grad_z2, grad_z2_sum
 
 
 @triton.jit
