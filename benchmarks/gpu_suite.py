@@ -7,8 +7,9 @@ Parts, in this order (each in its own ``try``: a failure is recorded and the res
 
 1. **correctness**: on a small model in float32 (TF32 off), ours (folded after convs, and
    the fused block end) and the same SE written in plain operations, each against
-   float64, outputs and gradients; the kernels against float64 on a large bf16
-   channels_last activation;
+   float64, outputs and gradients, and on CUDA ours under ``torch.compile`` too (the
+   fused functions as custom operators in the graph); the kernels against float64 on a
+   large bf16 channels_last activation;
 2. **kernels**: SE + BatchNorm (folded) and BatchNorm + SE (block end) against
    ``F.batch_norm`` alone on one ResNet-50 activation, forward and forward + backward,
    with the bytes each must move and the bandwidth reached;
@@ -19,7 +20,7 @@ Parts, in this order (each in its own ``try``: a failure is recorded and the res
    block end) and the paper's place written plainly (timm's formulation); and timm's own
    ``resnet50`` and ``seresnet50`` where timm imports;
 4. **compiled**: no SE, ours at ``min_channels=512`` and ours at the paper's place under
-   ``torch.compile``, training;
+   ``torch.compile``, training (ours: the fused functions' custom operators);
 5. **resnet56**: the CIFAR ResNet-56 at batch 1024, 32x32, a training step: no SE, the
    recipe's SE (``latent_channels=64, min_channels=64``) and the paper's place;
 6. **profile**: ``torch.profiler`` over two training steps of ours at ``min_channels=128``
@@ -243,11 +244,14 @@ def _correctness(sizes: Sizes) -> dict:
         # torch's own batch_norm), with the same weights, in float32 and in float64.
         plain = torch.jit.script(copy.deepcopy(ours))
         exact = torch.jit.script(copy.deepcopy(ours).double())
-        out, grads = run(ours, x)
-        plain_out, plain_grads = run(plain, x)
+        # Under torch.compile on CUDA the fused functions are custom operators in the graph.
+        compiled = torch.compile(copy.deepcopy(ours)) if device == 'cuda' else None
+        runs = {'ours': run(ours, x), 'plain SE': run(plain, x)}
+        if compiled is not None:
+            runs['ours compiled'] = run(compiled, x)
         exact_out, exact_grads = run(exact, x.double())
         checks[f'{placement}: blocks (folded)'] = f'{report.num_blocks} ({report.num_folded})'
-        for label, (o, g) in (('ours', (out, grads)), ('plain SE', (plain_out, plain_grads))):
+        for label, (o, g) in runs.items():
             checks[f'{placement}, float32 {label}: output vs float64'] = relative_error(o, exact_out)
             checks[f'{placement}, float32 {label}: worst gradient vs float64'] = max(
                 relative_error(a, b) for a, b in zip(g, exact_grads))

@@ -89,3 +89,20 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         model(x)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(size for ptr, size in storages.items() if ptr not in params)
+
+
+def compiled_operators(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``model(x)`` under ``torch.compile`` (one graph, AOTAutograd without code generation), and the ``composer_se``
+    operators in its graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []
+
+    def recording(gm, inputs):
+        graphs.append(gm)
+        return lookup_backend('aot_eager')(gm, inputs)
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=recording, fullgraph=True)(x)
+    names = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == 'call_function']
+    return out, [name for name in names if name.startswith('composer_se.')]

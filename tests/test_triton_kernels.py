@@ -173,6 +173,20 @@ def test_statistic_kernels_against_float64(running):
         assert relative_error(ours, reference) < 1e-5
 
 
+def assert_trains_as_plain_float64(model: nn.Module, reference: nn.Module, out: torch.Tensor, x: torch.Tensor,
+                                   weights: torch.Tensor) -> torch.jit.ScriptModule:
+    """``out = model(x)`` and the gradients it gives match the float64 ``reference`` in plain operations (as
+    TorchScript runs it); returns the scripted reference."""
+    (out * weights).sum().backward()
+    plain = torch.jit.script(reference)
+    expected = plain(x.double())
+    (expected * weights.double()).sum().backward()
+    assert relative_error(out, expected) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert relative_error(p.grad, q.grad) < 1e-4, name
+    return plain
+
+
 @in_the_interpreter
 @pytest.mark.parametrize('placement', ['conv', 'block'])
 @pytest.mark.parametrize('layout', LAYOUTS)
@@ -194,14 +208,7 @@ def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
     model, x = model.to(memory_format=LAYOUTS[layout]), x.to(memory_format=LAYOUTS[layout])
     out = model(x)
     assert out.is_contiguous(memory_format=LAYOUTS[layout])
-    (out * weights).sum().backward()
-    # The float64 reference in plain operations, as TorchScript runs the model.
-    plain = torch.jit.script(reference)
-    expected = plain(x.double())
-    (expected * weights.double()).sum().backward()
-    assert relative_error(out, expected) < 1e-5
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert relative_error(p.grad, q.grad) < 1e-4, name
+    plain = assert_trains_as_plain_float64(model, reference, out, x, weights)
     # Eval mode, with gradients (a frozen BatchNorm, saliency maps): the kernels' output has none, so the
     # running-statistics path keeps to torch operations there, and matches float64 too.
     model.eval(), plain.eval()
@@ -216,3 +223,26 @@ def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
         assert relative_error(p.grad, q.grad) < 1e-4, name
     with torch.no_grad():  # and without: the kernels
         assert relative_error(model(x), plain(x.double())) < 1e-5
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+def test_a_compiled_se_model_runs_the_kernels_as_operators(placement):
+    """Under torch.compile the fused functions are the composer_se operators, whole in one graph, and the compiled
+    model trains as the float64 plain model does: outputs, gradients, running statistics."""
+    import torchvision
+
+    from composer_se import apply_squeeze_excite
+    from tests.helpers import compiled_operators
+    torch.manual_seed(0)
+    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
+    apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)
+    weights = torch.randn(4, 8, 6, 5)
+    out, operators = compiled_operators(model, x)
+    name = 'squeeze_excite_batch_norm' if placement == 'conv' else 'batch_norm_squeeze_excite'
+    assert operators == [f'composer_se.{name}.default'] * (4 if placement == 'conv' else 2)
+    assert_trains_as_plain_float64(model, reference, out, x, weights)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert relative_error(b.double(), c) < 1e-5, name

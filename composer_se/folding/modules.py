@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from composer_se.fused import affine, squeeze_excite_batch_norm
+from composer_se.fused import affine, runs_triton, squeeze_excite_batch_norm
 from composer_se.layers import SqueezeExciteConv2d
 from composer_se.layers.norm import ScriptableBatchNorm2d
 
@@ -31,7 +31,9 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
       backward, as the plain BatchNorm does, and nothing of SE's size;
     - eval (running statistics): ``u * (s * gamma / sigma) + shift``, one mean and
       one affine pass;
-    - under ``torch.compile``: ``norm(se(u))`` written plainly, which the compiler fuses;
+    - under ``torch.compile``: in training with Triton (CUDA), the custom operator
+      ``composer_se::squeeze_excite_batch_norm``, the same passes as one call in the
+      graph; on CPU, ``norm(se(u))`` written plainly, which the compiler fuses;
     - under TorchScript and tracing, the conv applies its block and this is a plain
       ``BatchNorm2d``.
 
@@ -54,8 +56,8 @@ class FoldedSqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
     @torch.jit.unused
     def _fold(self, input: torch.Tensor) -> torch.Tensor:
         se = self._folded_se
-        if torch.compiler.is_compiling():
-            return self._normalise(se(input))
+        if torch.compiler.is_compiling() and not runs_triton(input):
+            return self._normalise(se(input))  # plain operations, which the compiler fuses
         self._check_input_dim(input)
         momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
         if use_batch_stats:

@@ -1,73 +1,23 @@
-"""SE and a training-mode BatchNorm in one pass over the activation, in either order.
+"""The fused SE + BatchNorm functions: what the modules call, in eager mode and under ``torch.compile``.
 
-**SE then BatchNorm** (a block folded into the BatchNorm after its conv). For a conv
-output ``u`` (N, C, H, W)::
-
-    s = excite(mean_hw(u))                    # (N, C) gate
-    y = u * s                                 # SE
-    out = gamma * (y - mu) / sqrt(var + eps) + beta,  mu, var: batch statistics of y
-
-The batch statistics of ``y`` follow from the per-(n, c) mean ``m`` and variance ``v``
-of ``u``, read in one pass: ``mu_c = mean_n(s m)`` and
-``var_c = mean_n(s^2 v) + mean_n((s m - mu_c)^2)`` (a sum of non-negative terms, so no
-cancellation). SE and normalisation then become one affine map per (n, c),
-``out = u * A + B``.
-
-**BatchNorm then SE** (a block at the end of a residual branch, the paper's place).
-``b = gamma (u - mu) rstd + beta`` with the batch statistics of ``u``, which follow from
-the same per-(n, c) ``m`` and ``v``; SE squeezes ``mean_hw(b) = gamma rstd (m - mu) + beta``,
-so ``out = s * b`` is again one affine map per (n, c) of ``u``. Nothing of ``b`` is kept:
-the backward pass recomputes what it needs of it from ``u`` (as In-Place ABN does).
-
-**Backward.** Written out by hand from two reductions of the incoming gradient per
-(n, c), ``sum_hw g`` and ``sum_hw g (u - m)``, read in one pass over ``g`` and ``u``,
-then one elementwise pass ``grad_u = g P + (u - m) Q + R``. Autograd keeps ``u``, which
-a BatchNorm keeps anyway, and (N, C) statistics: SE adds no full-size tensor to what is
-saved for backward, and there is no division by the gate (near-zero gates are exact).
-The gate's small MLP is differentiated by hand too, from its (N, L) and (N, C)
-activations. The per-(n, c) formulas are in :mod:`composer_se.fused.torch_ops`.
-
-**Where it runs.** The steps run as Triton kernels (:mod:`~composer_se.fused.triton_ops`)
-on CUDA tensors, and as torch operations (:mod:`~composer_se.fused.torch_ops`) on other
-devices; with ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors too, which is
-how they are tested without a GPU. Both keep their statistics in float32 (float64 for
-float64 inputs) and return the input's dtype and memory format.
+The arithmetic and its passes are in :mod:`~composer_se.fused.passes`. In eager mode
+each function is an autograd function whose backward is those passes; under
+``torch.compile`` it is the custom operator of :mod:`~composer_se.fused.operators`, which
+runs the same passes as one opaque call in the compiled graph.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from types import ModuleType
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from composer_se.fused import torch_ops
+from composer_se.fused import operators, torch_ops
+from composer_se.fused.passes import (bn_se_backward_pass, bn_se_forward_pass, count_per_channel, kernels_for,
+                                      se_bn_backward_pass, se_bn_forward_pass)
 from composer_se.fused.torch_ops import accumulation_dtype
 
-__all__ = ['affine', 'batch_norm_squeeze_excite', 'kernels_for', 'squeeze_excite_batch_norm']
-
-
-def kernels_for(x: torch.Tensor) -> ModuleType:
-    """The module of steps that runs on ``x``: Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``), else torch.
-
-    Raises:
-        RuntimeError: ``x`` is on CUDA and Triton cannot be imported.
-    """
-    if x.is_cuda or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1'):
-        try:
-            from composer_se.fused import triton_ops
-        except ImportError as error:
-            raise RuntimeError(
-                f'SE folded into BatchNorm, and SE at the end of residual branches, run as Triton kernels on CUDA, '
-                f'and Triton cannot be imported ({error}). Install the triton package that matches your torch (it '
-                f'ships with torch\'s CUDA wheels on Linux), or use SqueezeExcite(fold_batchnorm=False, '
-                f'placement=\'conv\').',
-            ) from error
-        return triton_ops
-    return torch_ops
+__all__ = ['affine', 'batch_norm_squeeze_excite', 'squeeze_excite_batch_norm']
 
 
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -77,116 +27,51 @@ def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.T
     (an eval-mode model under ``torch.enable_grad``, as for saliency maps or a frozen
     BatchNorm), since the Triton kernel has no backward.
     """
+    if torch.compiler.is_compiling():  # plain operations, which the compiler fuses
+        return torch_ops.affine(x, scale, shift)
     ops = kernels_for(x)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
     return (torch_ops if needs_grad else ops).affine(x, scale, shift)
 
 
-def _autocast_off(device_type: str):
-    """A context that turns autocast off for ``device_type``, where it is on."""
-    if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+class _Fused(torch.autograd.Function):
+    """One of the fused functions in eager mode; subclasses name its forward and backward."""
 
+    forward_pass = backward_pass = None
 
-def _count(u: torch.Tensor) -> int:
-    n, _, h, w = u.shape
-    if n * h * w < 2:
-        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(u.shape)}')
-    return n * h * w
-
-
-def _gate_logits(squeezed: torch.Tensor, w1, b1, w2, b2) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate's hidden activation (N, L) and logits (N, C), in the parameters' dtype even under autocast."""
-    with _autocast_off(squeezed.device.type):
-        hidden = F.linear(squeezed.to(w1.dtype), w1, b1).relu_()
-        return hidden, F.linear(hidden, w2, b2)
-
-
-def _gate_backward(grad_z2: torch.Tensor, grad_b2: torch.Tensor, squeezed: torch.Tensor, hidden: torch.Tensor, w1, w2,
-                   needs) -> tuple:
-    """Back through ``W2 relu(W1 z + b1) + b2``, given ``grad_b2``, the batch sum of ``grad_z2``: the gradient of
-    ``z`` and of ``(w1, b1, w2, b2)``."""
-    grad_z2 = grad_z2.to(w2.dtype)
-    grad_z1 = torch.ops.aten.threshold_backward(grad_z2 @ w2, hidden, 0)
-    grad_squeezed = (grad_z1 @ w1).to(squeezed.dtype)
-    return (
-        grad_squeezed,
-        grad_z1.t() @ squeezed.to(w1.dtype) if needs[0] else None,
-        grad_z1.sum(0) if needs[1] else None,
-        grad_z2.t() @ hidden if needs[2] else None,
-        grad_b2.to(w2.dtype) if needs[3] else None,
-    )
-
-
-class _SqueezeExciteBatchNorm(torch.autograd.Function):
-    """``batch_norm(u * s)`` with ``s`` the SE gate of ``u``."""
-
-    @staticmethod
-    def forward(ctx, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var, momentum, eps):
-        count = _count(u)
-        ops = kernels_for(u)
-        mean, var = ops.channel_stats(u)
-        hidden, z2 = _gate_logits(mean, w1, b1, w2, b2)
-        sig, scale, shift, mu, rstd = ops.se_bn_forward(mean, var, z2, gate_scale, weight, bias, running_mean,
-                                                        running_var, momentum, eps, count)
-        # detach: torch_ops.affine may return a view, and a custom Function's output must not be
-        # one (an in-place op after it, such as ReLU(inplace=True), would be refused).
-        out = ops.affine(u, scale, shift).detach()
-        ctx.save_for_backward(u, mean, var, sig, mu, rstd, hidden)
+    @classmethod
+    def forward(cls, ctx, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var, momentum, eps):
+        ops, count = kernels_for(u), count_per_channel(u)
+        out, saved = cls.forward_pass(ops, count, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean,
+                                      running_var, momentum, eps)
+        ctx.save_for_backward(u, *saved)
         # The parameters by reference: they live on anyway (saving them would only make
         # saved-tensor accounting count them).
         ctx.params = (w1, w2, gate_scale, weight, bias)
         ctx.ops, ctx.count = ops, count
-        return out
+        # detach: torch_ops.affine may return a view, and a custom Function's output must not be
+        # one (an in-place op after it, such as ReLU(inplace=True), would be refused).
+        return out.detach()
 
-    @staticmethod
+    @classmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        u, mean, var, sig, mu, rstd, hidden = ctx.saved_tensors
-        w1, w2, gate_scale, weight, bias = ctx.params
-        ops, count = ctx.ops, ctx.count
-        g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
-        grad_weight, grad_bias, grad_z2, grad_b2, p, q, r = ops.se_bn_backward(g_sum, gu_c, mean, var, sig,
-                                                                               gate_scale, mu, rstd, weight, count)
-        grad_squeezed, *grad_gate = _gate_backward(grad_z2, grad_b2, mean, hidden, w1, w2, ctx.needs_input_grad[1:5])
-        grad_u = ops.affine2(grad_out, u, p, q, mean, r, grad_squeezed, 1.0 / (count // u.shape[0]))
-        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
-                None)
+    def backward(cls, ctx, grad_out):
+        u, *saved = ctx.saved_tensors
+        grad_u, grad_w1, grad_b1, grad_w2, grad_b2, grad_weight, grad_bias = cls.backward_pass(
+            ctx.ops, ctx.count, grad_out, u, saved, *ctx.params, ctx.needs_input_grad[1:5])
+        return grad_u, grad_w1, grad_b1, grad_w2, grad_b2, None, grad_weight, grad_bias, None, None, None, None
 
 
-class _BatchNormSqueezeExcite(torch.autograd.Function):
+class _SqueezeExciteBatchNorm(_Fused):
+    """``batch_norm(u * s)`` with ``s`` the SE gate of ``u``."""
+
+    forward_pass, backward_pass = staticmethod(se_bn_forward_pass), staticmethod(se_bn_backward_pass)
+
+
+class _BatchNormSqueezeExcite(_Fused):
     """``s * batch_norm(u)`` with ``s`` the SE gate of ``batch_norm(u)``."""
 
-    @staticmethod
-    def forward(ctx, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var, momentum, eps):
-        count = _count(u)
-        ops = kernels_for(u)
-        mean, var = ops.channel_stats(u)
-        mu, rstd, squeezed = ops.bn_stats(mean, var, weight, bias, running_mean, running_var, momentum, eps, count)
-        hidden, z2 = _gate_logits(squeezed, w1, b1, w2, b2)
-        sig, scale, shift = ops.bn_se_scale(z2, gate_scale, mu, rstd, weight, bias)
-        out = ops.affine(u, scale, shift).detach()  # detach: as in _SqueezeExciteBatchNorm
-        ctx.save_for_backward(u, mean, sig, mu, rstd, hidden, squeezed)
-        ctx.params = (w1, w2, gate_scale, weight, bias)
-        ctx.ops, ctx.count = ops, count
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        u, mean, sig, mu, rstd, hidden, squeezed = ctx.saved_tensors
-        w1, w2, gate_scale, weight, bias = ctx.params
-        ops, count = ctx.ops, ctx.count
-        g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
-        grad_z2, grad_b2 = ops.bn_se_gate_grad(g_sum, gu_c, mean, sig, gate_scale, mu, rstd, weight, bias)
-        grad_squeezed, *grad_gate = _gate_backward(grad_z2, grad_b2, squeezed, hidden, w1, w2,
-                                                   ctx.needs_input_grad[1:5])
-        grad_weight, grad_bias, p, q, r = ops.bn_se_backward(g_sum, gu_c, mean, sig, gate_scale, grad_squeezed, mu,
-                                                             rstd, weight, count)
-        grad_u = ops.affine2(grad_out, u, p, q, mean, r)
-        return (grad_u, *grad_gate, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None,
-                None)
+    forward_pass, backward_pass = staticmethod(bn_se_forward_pass), staticmethod(bn_se_backward_pass)
 
 
 def _arguments(se: torch.nn.Module, norm: torch.nn.BatchNorm2d, u: torch.Tensor, momentum: float,
@@ -211,7 +96,10 @@ def squeeze_excite_batch_norm(u: torch.Tensor, se: torch.nn.Module, norm: torch.
     :meth:`~composer_se.layers.norm.ScriptableBatchNorm2d._batch_norm_arguments`). The
     result equals ``norm(se(u))`` up to rounding, and so do the gradients.
     """
-    return _SqueezeExciteBatchNorm.apply(*_arguments(se, norm, u, momentum, running_mean, running_var))
+    arguments = _arguments(se, norm, u, momentum, running_mean, running_var)
+    if torch.compiler.is_compiling():  # the same kernels, as an operator the compiler keeps whole
+        return operators.squeeze_excite_batch_norm(*arguments)
+    return _SqueezeExciteBatchNorm.apply(*arguments)
 
 
 def batch_norm_squeeze_excite(u: torch.Tensor, norm: torch.nn.BatchNorm2d, se: torch.nn.Module, momentum: float,
@@ -222,4 +110,7 @@ def batch_norm_squeeze_excite(u: torch.Tensor, norm: torch.nn.BatchNorm2d, se: t
     As :func:`squeeze_excite_batch_norm`, in the other order; ``norm`` may lack affine
     parameters.
     """
-    return _BatchNormSqueezeExcite.apply(*_arguments(se, norm, u, momentum, running_mean, running_var))
+    arguments = _arguments(se, norm, u, momentum, running_mean, running_var)
+    if torch.compiler.is_compiling():
+        return operators.batch_norm_squeeze_excite(*arguments)
+    return _BatchNormSqueezeExcite.apply(*arguments)

@@ -1,6 +1,6 @@
 """The steps of the fused SE + BatchNorm functions in plain torch operations (the CPU kernels).
 
-:mod:`composer_se.fused.function` composes the fused functions from these steps; on
+:mod:`composer_se.fused.passes` composes the fused functions from these steps; on
 CUDA the same steps run as the Triton kernels of :mod:`composer_se.fused.triton_ops`,
 which take the same arguments and return the same values (the tests hold one against
 the other and both against float64). Four steps touch the full ``(N, C, H, W)``
@@ -16,7 +16,7 @@ The rest works on ``(N, C)`` statistics, in float32 (float64 for float64 inputs)
 folded into the next BatchNorm), :func:`bn_stats`, :func:`bn_se_scale`,
 :func:`bn_se_gate_grad` and :func:`bn_se_backward` for BatchNorm followed by SE (a block
 at the end of a residual branch). Their docstrings give the formulas; the derivations
-are in :mod:`composer_se.fused.function`.
+are in :mod:`composer_se.fused.passes`.
 """
 
 from __future__ import annotations

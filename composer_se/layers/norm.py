@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_se.fused import affine, batch_norm_squeeze_excite
+from composer_se.fused import affine, batch_norm_squeeze_excite, runs_triton
 from composer_se.layers.block import SqueezeExcite2d, convert_
 
 __all__ = ['ScriptableBatchNorm2d', 'SqueezeExciteBatchNorm2d']
@@ -67,7 +67,9 @@ class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
     (:func:`~composer_se.fused.batch_norm_squeeze_excite`): one pass for the statistics,
     one for the output, the same passes as ``BatchNorm2d`` alone, and nothing of the
     normalised map is kept for backward (the backward pass recomputes it from the input,
-    which BatchNorm keeps anyway). Under ``torch.compile``, TorchScript and tracing it is
+    which BatchNorm keeps anyway). Under ``torch.compile`` with Triton (CUDA) it is the
+    same in training, as the custom operator ``composer_se::batch_norm_squeeze_excite``
+    (one call in the graph). Under ``torch.compile`` on CPU, TorchScript and tracing it is
     ``se(batch_norm(input))`` in plain operations (``F.batch_norm``, which keeps the
     module scriptable), which the compiler fuses.
 
@@ -91,8 +93,8 @@ class SqueezeExciteBatchNorm2d(ScriptableBatchNorm2d):
 
     @torch.jit.unused
     def _fused(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self.se(self._normalise(input))
+        if torch.compiler.is_compiling() and not runs_triton(input):
+            return self.se(self._normalise(input))  # plain operations, which the compiler fuses
         self._check_input_dim(input)
         momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
         if use_batch_stats:
