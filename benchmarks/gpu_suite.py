@@ -23,7 +23,9 @@ Parts, in this order (each in its own ``try``: a failure is recorded and the res
    ``torch.compile``, training (ours: the fused functions' custom operators);
 5. **resnet56**: the CIFAR ResNet-56 at batch 1024, 32x32, a training step: no SE, the
    recipe's SE (``latent_channels=64, min_channels=64``) and the paper's place;
-6. **profile**: ``torch.profiler`` over two training steps of ours at ``min_channels=128``
+6. **host**: ``benchmarks/host_cost.py``'s measurement, the CPU time to issue a training
+   step of one fused call on a small activation, against ``F.batch_norm``;
+7. **profile**: ``torch.profiler`` over two training steps of ours at ``min_channels=128``
    and at the paper's place, and of no SE: the kernels that take the time.
 
 Timing: every variant of a part lives on the GPU at once; rounds visit them in turn
@@ -420,6 +422,15 @@ def part_resnet56(sizes: Sizes) -> dict:
             for name in variants}
 
 
+def part_host(sizes: Sizes) -> dict:
+    """``benchmarks/host_cost.py`` on the suite's device: the host time to issue one fused call's training step."""
+    from collections import Counter
+
+    from benchmarks.host_cost import issue_times
+    return issue_times(sizes.device, batch=8, channels=64, latent=16, size=4, rounds=7,
+                       n_steps=50 if sizes.device == 'cuda' else 3, launches=Counter())
+
+
 def part_profile(sizes: Sizes, out: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
@@ -512,6 +523,12 @@ def markdown(results: dict) -> str:
                 f"{TARGETS.get((part, name), '-')} | {f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
                 f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
         lines.append('')
+    if 'host' in results:
+        lines += ['## Host work per fused call (8 x 64 x 4 x 4, latent 16; benchmarks/host_cost.py)', '',
+                  '| training step | host us | vs F.batch_norm | torch ops |', '|---|---|---|---|']
+        lines += [f"| {name} | {v['host_us']:.1f} | {v['vs_batch_norm']:.2f} | {v['torch_ops']} |"
+                  for name, v in results['host'].items()]
+        lines.append('')
     if 'profile' in results:
         lines += ['## Profile (two training steps; the kernel tables are in gpu_profile.txt)', '',
                   '| variant | ops with device time | their calls |', '|---|---|---|']
@@ -556,7 +573,7 @@ def main(argv=None) -> int:
     parser.add_argument('--out', required=True, type=Path)
     parser.add_argument('--dry-run', action='store_true', help='every part at toy size on CPU')
     parser.add_argument('--parts', nargs='+', default=['correctness', 'kernels', 'resnet50', 'compiled', 'resnet56',
-                                                       'profile'])
+                                                       'host', 'profile'])
     parser.add_argument('--time-budget', type=float, default=420.0,
                         help='seconds after which no further model is compiled (default 420)')
     args = parser.parse_args(argv)
@@ -579,6 +596,7 @@ def main(argv=None) -> int:
         'resnet50': lambda: part_resnet50(sizes),
         'compiled': lambda: part_compiled(sizes, started + args.time_budget),
         'resnet56': lambda: part_resnet56(sizes),
+        'host': lambda: part_host(sizes),
         'profile': lambda: part_profile(sizes, args.out),
     }
     for name in args.parts:

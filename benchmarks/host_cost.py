@@ -102,15 +102,11 @@ def steps(batch: int, channels: int, latent: int, size: int, device: str) -> dic
             'BatchNorm then SE (block end)': bn_then_se}
 
 
-def measure(args: argparse.Namespace) -> dict:
-    device = 'cpu' if args.stub_kernels else 'cuda'
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('no CUDA device: run with --stub-kernels to time the host path on CPU')
-    torch.set_num_threads(1)
-    launches = Counter()
-    if args.stub_kernels:
-        stub_kernels(launches)
-    to_time = steps(args.batch, args.channels, args.latent, args.size, device)
+def issue_times(device: str, batch: int, channels: int, latent: int, size: int, rounds: int, n_steps: int,
+                launches: Counter) -> dict:
+    """Per training step: host microseconds (minimum over interleaved rounds), its ratio to ``F.batch_norm``'s,
+    Triton launches (counted in ``launches`` by stubbed kernels; 0 otherwise) and torch operations."""
+    to_time = steps(batch, channels, latent, size, device)
     rows = {}
     for name, step in to_time.items():
         step()  # warm-up: compiles the kernels once
@@ -120,19 +116,31 @@ def measure(args: argparse.Namespace) -> dict:
         rows[name] = {'triton_launches': sum(launches.values()), 'torch_ops': sum(counter.ops.values()),
                       'ops': dict(sorted(counter.ops.items()))}
     best = dict.fromkeys(to_time, float('inf'))
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, step in to_time.items():
             if device == 'cuda':
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(n_steps):
                 step()
-            best[name] = min(best[name], (time.perf_counter() - start) / args.steps * 1e6)
+            best[name] = min(best[name], (time.perf_counter() - start) / n_steps * 1e6)
             if device == 'cuda':
                 torch.cuda.synchronize()
     for name, row in rows.items():
         row['host_us'] = best[name]
         row['vs_batch_norm'] = best[name] / best['F.batch_norm']
+    return rows
+
+
+def measure(args: argparse.Namespace) -> dict:
+    device = 'cpu' if args.stub_kernels else 'cuda'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('no CUDA device: run with --stub-kernels to time the host path on CPU')
+    torch.set_num_threads(1)
+    launches = Counter()
+    if args.stub_kernels:
+        stub_kernels(launches)
+    rows = issue_times(device, args.batch, args.channels, args.latent, args.size, args.rounds, args.steps, launches)
     return {'device': device_name(device == 'cuda'),
             'mode': 'stubbed Triton launches (TRITON_INTERPRET=1)' if args.stub_kernels else 'CUDA',
             'torch': torch.__version__, 'python': platform.python_version(), 'date': date.today().isoformat(),

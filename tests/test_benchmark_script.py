@@ -60,7 +60,7 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / 'gpu_results.json').read_text())
     assert results['failures'] == {}
-    for part in ('correctness', 'kernels', 'resnet50', 'compiled', 'resnet56'):
+    for part in ('correctness', 'kernels', 'resnet50', 'compiled', 'resnet56', 'host'):
         assert results[part], part
     assert set(results['resnet50']) >= {'plain', 'composer min128', 'ours conv min512 folded',
                                         'ours conv min128 unfolded', 'ours block (fused)',

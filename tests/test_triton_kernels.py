@@ -246,3 +246,27 @@ def test_a_compiled_se_model_runs_the_kernels_as_operators(placement):
     assert_trains_as_plain_float64(model, reference, out, x, weights)
     for (name, b), c in zip(model.named_buffers(), reference.buffers()):
         assert relative_error(b.double(), c) < 1e-5, name
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+def test_a_compiled_se_model_under_bf16_autocast_gives_the_eager_output(placement):
+    """Under bf16 autocast (bf16 activations, float32 parameters and statistics) the operators' fake implementations
+    give the dtypes the kernels produce, and the compiled model's output is the eager one, bit for bit."""
+    import torchvision
+
+    from composer_se import apply_squeeze_excite
+    from tests.helpers import compiled_operators
+    torch.manual_seed(0)
+    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
+    apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, operators = compiled_operators(model, x)
+        expected = eager(x)
+    assert len(operators) == (4 if placement == 'conv' else 2)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
