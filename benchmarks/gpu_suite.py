@@ -523,18 +523,19 @@ def markdown(results: dict) -> str:
                 f"{TARGETS.get((part, name), '-')} | {f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
                 f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
         lines.append('')
-    if 'host' in results:
-        lines += ['## Host work per fused call (8 x 64 x 4 x 4, latent 16; benchmarks/host_cost.py)', '',
-                  '| training step | host us | vs F.batch_norm | torch ops |', '|---|---|---|---|']
-        lines += [f"| {name} | {v['host_us']:.1f} | {v['vs_batch_norm']:.2f} | {v['torch_ops']} |"
-                  for name, v in results['host'].items()]
-        lines.append('')
-    if 'profile' in results:
-        lines += ['## Profile (two training steps; the kernel tables are in gpu_profile.txt)', '',
-                  '| variant | ops with device time | their calls |', '|---|---|---|']
-        lines += [f"| {name} | {v['ops with device time']} | {v['their calls']} |"
-                  for name, v in results['profile'].items()]
-        lines.append('')
+    small_tables = {  # part: title, columns, and each row's cells from its values
+        'host': ('Host work per fused call (8 x 64 x 4 x 4, latent 16; benchmarks/host_cost.py)',
+                 ('training step', 'host us', 'vs F.batch_norm', 'torch ops'),
+                 lambda v: (f"{v['host_us']:.1f}", f"{v['vs_batch_norm']:.2f}", v['torch_ops'])),
+        'profile': ('Profile (two training steps; the kernel tables are in gpu_profile.txt)',
+                    ('variant', 'ops with device time', 'their calls'),
+                    lambda v: (v['ops with device time'], v['their calls'])),
+    }
+    for part, (title, columns, cells) in small_tables.items():
+        if part in results:
+            lines += [f'## {title}', '', '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+            lines += ['| ' + ' | '.join(map(str, (name, *cells(v)))) + ' |' for name, v in results[part].items()]
+            lines.append('')
     if results.get('failures'):
         lines += ['## Failures', ''] + [f'- {name}: {error}' for name, error in results['failures'].items()] + ['']
     return '\n'.join(lines)
