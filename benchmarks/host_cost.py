@@ -8,7 +8,8 @@ Eager ResNet-50 on a fast GPU is bound by the host issuing its work (see
 costs there. This times the forward and backward of one call on a small activation (the
 GPU idles; nothing synchronises inside the timed loop) for ``F.batch_norm`` alone, SE
 then BatchNorm (:func:`~composer_se.fused.squeeze_excite_batch_norm`) and BatchNorm then SE
-(:func:`~composer_se.fused.batch_norm_squeeze_excite`), and counts what each step issues:
+(:func:`~composer_se.fused.batch_norm_squeeze_excite`), and, for comparison, SE written
+plainly before ``F.batch_norm`` (an unfolded block), and counts what each step issues:
 Triton launches and torch operations (views and other metadata-only operations
 excluded).
 
@@ -98,8 +99,12 @@ def steps(batch: int, channels: int, latent: int, size: int, device: str) -> dic
     def bn_then_se():
         batch_norm_squeeze_excite(u, norm, se, 0.1, norm.running_mean, norm.running_var).backward(grad)
 
+    def plain_se_then_bn():  # SE written plainly, as an unfolded block and Composer's SE do
+        F.batch_norm(se(u), norm.running_mean, norm.running_var, norm.weight, norm.bias, True, 0.1,
+                     norm.eps).backward(grad)
+
     return {'F.batch_norm': batch_norm, 'SE then BatchNorm (folded)': se_then_bn,
-            'BatchNorm then SE (block end)': bn_then_se}
+            'BatchNorm then SE (block end)': bn_then_se, 'SE then BatchNorm, plain operations': plain_se_then_bn}
 
 
 def issue_times(device: str, batch: int, channels: int, latent: int, size: int, rounds: int, n_steps: int,
