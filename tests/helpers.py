@@ -106,3 +106,15 @@ def compiled_operators(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     out = torch.compile(model, backend=recording, fullgraph=True)(x)
     names = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == 'call_function']
     return out, [name for name in names if name.startswith('composer_se.')]
+
+
+def se_basic_blocks(placement: str) -> tuple[nn.Sequential, int]:
+    """Two torchvision BasicBlocks of 8 channels with SE (latent 3) at ``placement``: 4 folded convs ('conv') or 2
+    block ends ('block'); the model and its number of blocks."""
+    import torchvision
+
+    from composer_se import apply_squeeze_excite
+    torch.manual_seed(0)
+    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
+    report = apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
+    return model, report.num_blocks

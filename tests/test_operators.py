@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
-from composer_se import apply_squeeze_excite
 from composer_se.fused.function import _arguments
 from composer_se.layers import SqueezeExcite2d
-from tests.helpers import compiled_operators
+from tests.helpers import compiled_operators, se_basic_blocks
 
 
 @pytest.mark.parametrize('name', ['squeeze_excite_batch_norm', 'batch_norm_squeeze_excite'])
@@ -29,7 +27,7 @@ def test_operator_schema_fake_tensors_and_autograd_agree(name, dtype, layout, ru
 
 def test_on_cpu_the_compiler_gets_plain_operations():
     """Without Triton (CPU), the compiled graph holds plain operations the compiler fuses, not the operators."""
-    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
-    apply_squeeze_excite(model, latent_channels=3, min_channels=8)
+    model, blocks = se_basic_blocks('conv')
+    assert blocks == 4
     _, operators = compiled_operators(model, torch.randn(2, 8, 4, 4))
     assert operators == []

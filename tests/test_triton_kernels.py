@@ -192,15 +192,10 @@ def assert_trains_as_plain_float64(model: nn.Module, reference: nn.Module, out: 
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
     """The whole path (the folded BatchNorm, or the block end) on the Triton kernels: outputs and gradients."""
-    import torchvision
-
-    from composer_se import apply_squeeze_excite
     from composer_se.fused import kernels_for, triton_ops
-    torch.manual_seed(0)
-    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
-    kwargs = {'min_channels': 8, 'placement': placement}
-    report = apply_squeeze_excite(model, latent_channels=3, **kwargs)
-    assert report.num_blocks == (4 if placement == 'conv' else 2)
+    from tests.helpers import se_basic_blocks
+    model, blocks = se_basic_blocks(placement)
+    assert blocks == (4 if placement == 'conv' else 2)
     assert kernels_for(torch.zeros(1)) is triton_ops
     reference = copy.deepcopy(model).double()
     x = torch.randn(4, 8, 6, 5)
@@ -230,19 +225,15 @@ def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
 def test_a_compiled_se_model_runs_the_kernels_as_operators(placement):
     """Under torch.compile the fused functions are the composer_se operators, whole in one graph, and the compiled
     model trains as the float64 plain model does: outputs, gradients, running statistics."""
-    import torchvision
-
-    from composer_se import apply_squeeze_excite
-    from tests.helpers import compiled_operators
-    torch.manual_seed(0)
-    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
-    apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
+    from tests.helpers import compiled_operators, se_basic_blocks
+    model, blocks = se_basic_blocks(placement)
+    assert blocks == (4 if placement == 'conv' else 2)
     reference = copy.deepcopy(model).double()
     x = torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)
     weights = torch.randn(4, 8, 6, 5)
     out, operators = compiled_operators(model, x)
     name = 'squeeze_excite_batch_norm' if placement == 'conv' else 'batch_norm_squeeze_excite'
-    assert operators == [f'composer_se.{name}.default'] * (4 if placement == 'conv' else 2)
+    assert operators == [f'composer_se.{name}.default'] * blocks
     assert_trains_as_plain_float64(model, reference, out, x, weights)
     for (name, b), c in zip(model.named_buffers(), reference.buffers()):
         assert relative_error(b.double(), c) < 1e-5, name
@@ -253,19 +244,15 @@ def test_a_compiled_se_model_runs_the_kernels_as_operators(placement):
 def test_a_compiled_se_model_under_bf16_autocast_gives_the_eager_output(placement):
     """Under bf16 autocast (bf16 activations, float32 parameters and statistics) the operators' fake implementations
     give the dtypes the kernels produce, and the compiled model's output is the eager one, bit for bit."""
-    import torchvision
-
-    from composer_se import apply_squeeze_excite
-    from tests.helpers import compiled_operators
-    torch.manual_seed(0)
-    model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
-    apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
+    from tests.helpers import compiled_operators, se_basic_blocks
+    model, blocks = se_basic_blocks(placement)
+    assert blocks == (4 if placement == 'conv' else 2)
     eager = copy.deepcopy(model)
     x = torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out, operators = compiled_operators(model, x)
         expected = eager(x)
-    assert len(operators) == (4 if placement == 'conv' else 2)
+    assert len(operators) == blocks
     assert out.dtype == expected.dtype == torch.bfloat16
     assert torch.equal(out, expected)
     out.float().square().sum().backward()

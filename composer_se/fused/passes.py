@@ -112,9 +112,10 @@ def _gate_backward(grad_z2: torch.Tensor, grad_b2: torch.Tensor, squeezed: torch
     )
 
 
-def se_bn_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var,
-                   momentum: float, eps: float) -> tuple[torch.Tensor, tuple]:
-    """SE then BatchNorm, forward: the output, and what the backward pass needs, ``(mean, var, sig, mu, rstd, hidden)``."""
+def se_bn_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean,
+                       running_var, momentum: float, eps: float) -> tuple[torch.Tensor, tuple]:
+    """SE then BatchNorm, forward: the output, and what the backward pass needs,
+    ``(mean, var, sig, mu, rstd, hidden)``."""
     mean, var = ops.channel_stats(u)
     hidden, z2 = _gate_logits(mean, w1, b1, w2, b2)
     sig, scale, shift, mu, rstd = ops.se_bn_forward(mean, var, z2, gate_scale, weight, bias, running_mean, running_var,
@@ -123,8 +124,9 @@ def se_bn_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scal
 
 
 def se_bn_backward_pass(ops: ModuleType, count: int, grad_out, u, saved: tuple, w1, w2, gate_scale, weight, bias,
-                    needs) -> tuple:
-    """SE then BatchNorm, backward: the gradients of ``(u, w1, b1, w2, b2, weight, bias)``, the gate's where ``needs``."""
+                        needs) -> tuple:
+    """SE then BatchNorm, backward: the gradients of ``(u, w1, b1, w2, b2, weight, bias)``, the gate's where
+    ``needs``."""
     mean, var, sig, mu, rstd, hidden = saved
     g_sum, gu_c = ops.grad_sums(grad_out, u, mean)
     grad_weight, grad_bias, grad_z2, grad_b2, p, q, r = ops.se_bn_backward(g_sum, gu_c, mean, var, sig, gate_scale,
@@ -134,8 +136,8 @@ def se_bn_backward_pass(ops: ModuleType, count: int, grad_out, u, saved: tuple, 
     return grad_u, *grad_gate, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
 
 
-def bn_se_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var,
-                   momentum: float, eps: float) -> tuple[torch.Tensor, tuple]:
+def bn_se_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean,
+                       running_var, momentum: float, eps: float) -> tuple[torch.Tensor, tuple]:
     """BatchNorm then SE, forward: the output, and what the backward pass needs,
     ``(mean, sig, mu, rstd, hidden, squeezed)``."""
     mean, var = ops.channel_stats(u)
@@ -146,7 +148,7 @@ def bn_se_forward_pass(ops: ModuleType, count: int, u, w1, b1, w2, b2, gate_scal
 
 
 def bn_se_backward_pass(ops: ModuleType, count: int, grad_out, u, saved: tuple, w1, w2, gate_scale, weight, bias,
-                    needs) -> tuple:
+                        needs) -> tuple:
     """BatchNorm then SE, backward: as :func:`se_bn_backward_pass`."""
     mean, sig, mu, rstd, hidden, squeezed = saved
     g_sum, gu_c = ops.grad_sums(grad_out, u, mean)

@@ -61,8 +61,9 @@ MAX_STAT_ROWS = 256
 #: The accumulation dtype of each input dtype, in torch and in Triton: float32 for half
 #: precision and float32, float64 for float64
 #: (:func:`~composer_se.fused.torch_ops.accumulation_dtype`).
-_ACC = {dtype: (accumulation_dtype(dtype), {torch.float32: tl.float32, torch.float64: tl.float64}[
-    accumulation_dtype(dtype)]) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_ACC = {dtype: (acc, {torch.float32: tl.float32, torch.float64: tl.float64}[acc])
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        for acc in (accumulation_dtype(dtype),)}
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
