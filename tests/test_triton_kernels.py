@@ -257,3 +257,35 @@ def test_a_compiled_se_model_under_bf16_autocast_gives_the_eager_output(placemen
     assert torch.equal(out, expected)
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('name, min_channels', [('mobilenet_v2', 96), ('efficientnet_b0', 192), ('vgg11_bn', 256),
+                                                ('regnet_y_400mf', 208)])
+def test_compiled_cnns_beyond_resnets_run_one_operator_per_folded_block(name, min_channels):
+    """Inverted residuals, depthwise convs, no residuals, networks with SE modules of their own: compiled, each folded
+    block is one operator, and outputs and gradients are the eager ones."""
+    import torchvision
+
+    from composer_se import apply_squeeze_excite
+    from tests.helpers import compiled_operators
+    model = torchvision.models.get_model(name, num_classes=10)
+    report = apply_squeeze_excite(model, latent_channels=4, min_channels=min_channels)
+    assert report.num_folded == report.num_blocks > 0
+    for module in model.modules():  # no random draws: compiled and eager must see the same computation
+        if isinstance(module, (nn.Dropout, torchvision.ops.StochasticDepth)):
+            module.p = 0.0
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    out, operators = compiled_operators(model, x)
+    assert operators == ['composer_se.squeeze_excite_batch_norm.default'] * report.num_folded
+    expected = eager(x)
+    assert torch.equal(out, expected)
+    weights = torch.randn(2, 10)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    # Against the model's largest gradient: a bias whose true gradient is zero (a BatchNorm's, where a BatchNorm
+    # follows) gets rounding noise in float32, the same size in both.
+    scale = max(q.grad.abs().max() for q in eager.parameters())
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * scale, name
