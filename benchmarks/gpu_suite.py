@@ -424,11 +424,9 @@ def part_resnet56(sizes: Sizes) -> dict:
 
 def part_host(sizes: Sizes) -> dict:
     """``benchmarks/host_cost.py`` on the suite's device: the host time to issue one fused call's training step."""
-    from collections import Counter
-
     from benchmarks.host_cost import issue_times
     return issue_times(sizes.device, batch=8, channels=64, latent=16, size=4, rounds=7,
-                       n_steps=50 if sizes.device == 'cuda' else 3, launches=Counter())
+                       n_steps=50 if sizes.device == 'cuda' else 3)
 
 
 def part_profile(sizes: Sizes, out: Path) -> dict:

@@ -171,14 +171,16 @@ def test_data_loading_dry_run_times_both_loaders_and_the_model(tmp_path):
 
 
 def test_host_cost_counts_what_each_fused_step_issues(tmp_path):
-    """benchmarks/host_cost.py with stubbed launches: the launches and torch operations of one training step."""
+    """benchmarks/host_cost.py with the stand-in driver: the launches and torch operations of one training step."""
     out = tmp_path / 'host.json'
-    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'host_cost.py'), '--stub-kernels', '--rounds',
-                             '1', '--steps', '2', '--json', str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'host_cost.py'), '--stand-in-driver',
+                             '--rounds', '1', '--steps', '2', '--json', str(out)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())['rows']
     assert '| SE then BatchNorm (folded) |' in result.stdout
     assert rows['F.batch_norm']['triton_launches'] == 0
+    assert rows['F.batch_norm']['ops'] == {'native_batch_norm': 1, 'native_batch_norm_backward': 1}
     # Three kernels each way; the block end's statistics and its gate's gradient take one more each.
     assert rows['SE then BatchNorm (folded)']['triton_launches'] == 6
     assert rows['BatchNorm then SE (block end)']['triton_launches'] == 8

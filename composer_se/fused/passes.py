@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -50,8 +51,32 @@ __all__ = ['bn_se_backward_pass', 'bn_se_forward_pass', 'count_per_channel', 'ke
 
 
 def runs_triton(x: torch.Tensor) -> bool:
-    """Whether the fused functions run Triton kernels on ``x``: on CUDA, and on CPU under ``TRITON_INTERPRET=1``."""
-    return x.is_cuda or (x.device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1')
+    """Whether the fused functions run Triton kernels on ``x``: on CUDA; on CPU under ``TRITON_INTERPRET=1``, or
+    while the active Triton driver takes CPU tensors (:func:`triton_takes_cpu_tensors`)."""
+    return x.is_cuda or (x.device.type == 'cpu' and (os.environ.get('TRITON_INTERPRET') == '1' or
+                                                     triton_takes_cpu_tensors()))
+
+
+def triton_takes_cpu_tensors() -> bool:
+    """Whether Triton is imported and a driver whose torch device is the CPU has been made its active one.
+
+    Such a driver launches kernels on CPU tensors (the stand-in driver of
+    ``benchmarks/stand_in_driver.py``, which compiles for a GPU without one). Triton's default
+    driver is never made here: on a machine without a GPU, making it fails.
+    """
+    runtime = sys.modules.get('triton.runtime.driver')
+    if runtime is None:
+        return False
+    config = runtime.driver
+    if hasattr(config, '_active'):  # Triton 3.4 and later: None until a driver is set or first used
+        active = config._active
+        if active is None or active is config._default:
+            return False
+    else:
+        active = config.active
+        if active is config.default:  # the default, not yet made
+            return False
+    return active.get_active_torch_device().type == 'cpu'
 
 
 def kernels_for(x: torch.Tensor) -> ModuleType:
