@@ -1,38 +1,44 @@
 """One command on a machine with one CUDA GPU: is SE right there, and what does it cost?
 
-    python benchmarks/gpu_suite.py --out DIR            # about 5 minutes on one H100
+    python benchmarks/gpu_suite.py --out DIR            # about 6 minutes on one H100/H200
     python benchmarks/gpu_suite.py --out DIR --dry-run  # every part at toy size, on CPU
 
 Parts, in this order (each in its own ``try``: a failure is recorded and the rest runs):
 
 1. **correctness**: on a small model in float32 (TF32 off), ours (folded after convs, and
    the fused block end) and the same SE written in plain operations, each against
-   float64, outputs and gradients, and on CUDA ours under ``torch.compile`` too (the
-   fused functions as custom operators in the graph); the kernels against float64 on a
-   large bf16 channels_last activation;
+   float64, outputs and gradients, and on CUDA ours under ``torch.compile`` too (its
+   Triton kernels in the compiled graph); the passes against float64 on a large bf16
+   channels_last activation;
 2. **kernels**: SE + BatchNorm (folded) and BatchNorm + SE (block end) against
    ``F.batch_norm`` alone on one ResNet-50 activation, forward and forward + backward,
    with the bytes each must move and the bandwidth reached;
-3. **resnet50**: torchvision ResNet-50, batch 256, bf16 autocast, channels_last:
-   training and inference images/s and ``torch.cuda.max_memory_allocated`` for no SE,
-   Composer's ``SqueezeExcite`` (its rule, ``min(in, out) >= 128``), ours after convs at
-   ``min_channels`` 512 and 128 (folded and not), ours at the paper's place (the fused
-   block end) and the paper's place written plainly (timm's formulation); and timm's own
-   ``resnet50`` and ``seresnet50`` where timm imports;
-4. **compiled**: no SE, ours at ``min_channels=512`` and ours at the paper's place under
-   ``torch.compile``, training (ours: the fused functions' custom operators);
-5. **resnet56**: the CIFAR ResNet-56 at batch 1024, 32x32, a training step: no SE, the
-   recipe's SE (``latent_channels=64, min_channels=64``) and the paper's place;
-6. **host**: ``benchmarks/host_cost.py``'s measurement, the CPU time to issue a training
+3. **arms**: torchvision ResNet-50, batch 256, bf16 autocast, channels_last, in the three
+   arms a user chooses from: eager, ``torch.compile`` (default mode) and ``torch.compile``
+   with ``mode='reduce-overhead'`` (CUDA graphs). Variants: no SE; ours after convs at
+   ``min_channels`` 512 and 128 (folded; and unfolded at 128, eager only, for inference);
+   ours at the paper's place (the fused block end); Composer's ``SqueezeExcite`` (its rule,
+   ``min(in, out) >= 128``); and timm's ``resnet50`` and ``seresnet50`` where timm imports.
+   Training and inference images/s, the peak memory a training step allocates above what
+   is resident, and for the compiled arms the compile time, the CUDA-graph skips Inductor
+   counts (0 is the aim) and one training step under
+   ``torch.cuda.set_sync_debug_mode('error')`` (no host sync). Compiled variants are
+   built in order of importance until ``--time-budget`` is spent; the rest are listed as
+   skipped;
+4. **resnet56**: the CIFAR ResNet-56 at batch 1024, 32x32, a training step, eager: no SE,
+   the recipe's SE (``latent_channels=64, min_channels=64``) and the paper's place;
+5. **host**: ``benchmarks/host_cost.py``'s measurement, the CPU time to issue a training
    step of one fused call on a small activation, against ``F.batch_norm``;
-7. **profile**: ``torch.profiler`` over two training steps of ours at ``min_channels=128``
-   and at the paper's place, and of no SE: the kernels that take the time.
+6. **profile**: ``torch.profiler`` over two eager training steps of ours at
+   ``min_channels=128`` and at the paper's place, and of no SE: the kernels that take the
+   time.
 
-Timing: every variant of a part lives on the GPU at once; rounds visit them in turn
-(in a rotated order), each timing a few steps between CUDA events after warm-up; a
-figure is the median over rounds. Memory is measured on its own, one variant on the GPU
-at a time. Writes ``DIR/gpu_results.json``, ``DIR/gpu_results.md``,
-``DIR/gpu_throughput.png`` and ``DIR/gpu_profile.txt``, and prints the tables.
+Timing: every variant of an arm lives on the GPU at once; rounds visit them in turn (in a
+rotated order), each timing a few steps between CUDA events after warm-up; a figure is
+the median over rounds. Writes ``DIR/gpu_results.json`` after each part,
+``DIR/gpu_results.md``, ``DIR/gpu_throughput.png`` and ``DIR/gpu_profile.txt``, and
+prints the tables. ``--dry-run`` compiles with the ``aot_eager`` backend (no code
+generation, no CUDA graphs on CPU).
 """
 
 from __future__ import annotations
@@ -59,17 +65,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.variants import (chosen_convs, with_composer_se, with_our_block_se, with_our_se,  # noqa: E402
                                  with_plain_block_se)
 from composer_se import apply_squeeze_excite  # noqa: E402
-from composer_se.fused import batch_norm_squeeze_excite, squeeze_excite_batch_norm  # noqa: E402
+from composer_se.batchnorm import se_batch_norm  # noqa: E402
 from composer_se.layers import SqueezeExcite2d  # noqa: E402
 from composer_se.recipes.models.cifar_resnet import cifar_resnet  # noqa: E402
 
-#: (part, variant) -> the aim for its training images/s against no SE (bf16, channels_last)
+#: (arm, variant) -> the aim for its training images/s against no SE in the same arm (bf16, channels_last)
 TARGETS = {
-    ('resnet50', 'ours conv min512 folded'): 0.98,
-    ('resnet50', 'ours conv min128 folded'): 0.95,
-    ('resnet50', 'ours block (fused)'): 0.95,
-    ('compiled', 'compiled: ours block (fused)'): 0.93,
+    ('eager', 'ours conv min512 folded'): 0.98, ('compiled', 'ours conv min512 folded'): 0.97,
+    ('reduce-overhead', 'ours conv min512 folded'): 0.97,
+    ('eager', 'ours conv min128 folded'): 0.95, ('compiled', 'ours conv min128 folded'): 0.95,
+    ('reduce-overhead', 'ours conv min128 folded'): 0.95,
+    ('eager', 'ours block (fused)'): 0.96, ('compiled', 'ours block (fused)'): 0.96,
+    ('reduce-overhead', 'ours block (fused)'): 0.96,
 }
+#: The arms: torch.compile's options for each (None: eager).
+ARMS = {'eager': None, 'compiled': {}, 'reduce-overhead': {'mode': 'reduce-overhead'}}
+#: The variants compiled in the compiled arms, most important first (compiling stops when the time budget is spent).
+COMPILED_VARIANTS = ('plain', 'ours conv min512 folded', 'ours block (fused)', 'ours conv min128 folded',
+                     'composer min128', 'timm resnet50', 'timm seresnet50')
 
 
 @dataclass
@@ -86,7 +99,7 @@ class Sizes:
     kernel_shape: tuple = (256, 256, 56, 56)
     resnet50: Callable[[], nn.Module] = torchvision.models.resnet50
     cifar_depth: int = 56
-    compile_model: Callable[[], nn.Module] = torchvision.models.resnet50
+    compile_backend: str = 'inductor'
 
     @classmethod
     def dry_run(cls) -> 'Sizes':
@@ -94,12 +107,8 @@ class Sizes:
             return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
                                                     width_per_group=8)
 
-        def tiny_block():
-            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), torchvision.models.resnet.BasicBlock(8, 8),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
         return cls('cpu', batch=2, image=32, cifar_batch=8, warmup=1, rounds=2, steps=1, kernel_shape=(4, 16, 8, 8),
-                   resnet50=tiny_resnet, cifar_depth=20, compile_model=tiny_block)
+                   resnet50=tiny_resnet, cifar_depth=20, compile_backend='aot_eager')
 
 
 def sync(device: str) -> None:
@@ -158,26 +167,24 @@ class Bench:
         with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16):
             model(self.x)
 
-    def peak_memory(self, model: nn.Module) -> int:
-        """``max_memory_allocated`` over three training steps with only this model on the GPU (0 on CPU)."""
+    def step_memory(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """The most memory three training steps allocate above what is resident before them (0 on CPU): activations
+        kept for backward, gradients and workspaces; the same measure whatever else lives on the GPU."""
         if self.device != 'cuda':
             return 0
-        model = copy.deepcopy(model)
-        torch.cuda.empty_cache()
+        sync(self.device)
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        model, optimizer = self.prepare(model)
         for _ in range(3):
             self.train_step(model, optimizer)
         sync(self.device)
-        peak = torch.cuda.max_memory_allocated()
-        del model, optimizer
-        torch.cuda.empty_cache()
-        return peak
+        return torch.cuda.max_memory_allocated() - resident
 
-    def throughput(self, models: dict[str, nn.Module], infer: bool = True, warmup: int = None) -> dict:
-        """Median images/s per variant, training and inference, over interleaved rounds."""
+    def throughput(self, prepared: dict[str, tuple[nn.Module, torch.optim.Optimizer]], infer: bool = True,
+                   warmup: int = None) -> dict:
+        """Median images/s per variant (a prepared model and its optimizer), training and inference, over interleaved
+        rounds."""
         sizes = self.sizes
-        prepared = {name: self.prepare(model) for name, model in models.items()}
         for name, (model, optimizer) in prepared.items():
             for _ in range(sizes.warmup if warmup is None else warmup):
                 self.train_step(model, optimizer)
@@ -246,7 +253,7 @@ def _correctness(sizes: Sizes) -> dict:
         # torch's own batch_norm), with the same weights, in float32 and in float64.
         plain = torch.jit.script(copy.deepcopy(ours))
         exact = torch.jit.script(copy.deepcopy(ours).double())
-        # Under torch.compile on CUDA the fused functions are custom operators in the graph.
+        # Under torch.compile on CUDA the compiled graph launches the Triton kernels itself.
         compiled = torch.compile(copy.deepcopy(ours)) if device == 'cuda' else None
         runs = {'ours': run(ours, x), 'plain SE': run(plain, x)}
         if compiled is not None:
@@ -266,9 +273,9 @@ def _correctness(sizes: Sizes) -> dict:
     c = u.shape[1]
     se = SqueezeExcite2d(c, max(1, c // 16)).to(device)
     for name, fused, reference in (
-        ('SE then BN', lambda t, s, n: squeeze_excite_batch_norm(t, s, n, 0.1, n.running_mean, n.running_var),
+        ('SE then BN', lambda t, s, n: se_batch_norm(t, s, n, True, 0.1, n.running_mean, n.running_var),
          lambda t, s, n: n(s(t))),
-        ('BN then SE', lambda t, s, n: batch_norm_squeeze_excite(t, n, s, 0.1, n.running_mean, n.running_var),
+        ('BN then SE', lambda t, s, n: se_batch_norm(t, s, n, False, 0.1, n.running_mean, n.running_var),
          lambda t, s, n: s(n(t))),
     ):
         norm = nn.BatchNorm2d(c).to(device)
@@ -296,10 +303,9 @@ def part_kernels(sizes: Sizes) -> dict:
     g = torch.randn_like(u)
     variants = {
         'F.batch_norm': lambda: F.batch_norm(u, norm.running_mean, norm.running_var, norm.weight, norm.bias, True),
-        'SE then BN (folded)': lambda: squeeze_excite_batch_norm(u, se, norm, 0.1, norm.running_mean,
-                                                                 norm.running_var),
-        'BN then SE (block end)': lambda: batch_norm_squeeze_excite(u, norm, se, 0.1, norm.running_mean,
-                                                                    norm.running_var),
+        'SE then BN (folded)': lambda: se_batch_norm(u, se, norm, True, 0.1, norm.running_mean, norm.running_var),
+        'BN then SE (block end)': lambda: se_batch_norm(u, se, norm, False, 0.1, norm.running_mean,
+                                                        norm.running_var),
     }
     size = u.numel() * u.element_size()
     result = {'shape': list(u.shape), 'activation_bytes': size}
@@ -324,7 +330,7 @@ def part_kernels(sizes: Sizes) -> dict:
             for kind, values in times.items()
         }
     if device == 'cuda':  # how the folded forward + backward depends on the activation kernels' tiles
-        from composer_se.fused import triton_ops
+        from composer_se.batchnorm import triton_passes as triton_ops
         defaults = triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS
         sweep = {}
         try:
@@ -332,6 +338,7 @@ def part_kernels(sizes: Sizes) -> dict:
                 for channels in (64, 128, 256):
                     triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = tile, channels
                     triton_ops._tile.cache_clear()  # tiles are cached per shape
+                    triton_ops._cached_geometry.cache_clear()
                     fn = variants['SE then BN (folded)']
                     for _ in range(2):
                         fn().backward(g)
@@ -342,71 +349,93 @@ def part_kernels(sizes: Sizes) -> dict:
         finally:
             triton_ops.TILE, triton_ops.MAX_TILE_CHANNELS = defaults
             triton_ops._tile.cache_clear()
+            triton_ops._cached_geometry.cache_clear()
         result['tile sweep, SE then BN forward+backward ms'] = sweep
     return result
 
 
-def part_resnet50(sizes: Sizes) -> dict:
+def resnet50_variants(sizes: Sizes) -> dict[str, nn.Module]:
+    """The variants of the arms, each built from one ResNet-50 (its structure, at toy size, for a dry run)."""
     torch.manual_seed(0)
     base = sizes.resnet50()
     variants = {'plain': copy.deepcopy(base)}
+    for minimum in (512, 128):
+        names = chosen_convs(base, 'out', minimum)
+        variants[f'ours conv min{minimum} folded'] = with_our_se(base, names, 64, fold=True)
+    variants['ours conv min128 unfolded'] = with_our_se(base, chosen_convs(base, 'out', 128), 64, fold=False)
+    variants['ours block (fused)'] = with_our_block_se(base)
     try:
         variants['composer min128'] = with_composer_se(base, chosen_convs(base, 'composer', 128), 64)
     except ImportError as error:
         print(f'# Composer does not import ({error}); its SqueezeExcite is left out')
-    for minimum in (512, 128):
-        names = chosen_convs(base, 'out', minimum)
-        variants[f'ours conv min{minimum} folded'] = with_our_se(base, names, 64, fold=True)
-        variants[f'ours conv min{minimum} unfolded'] = with_our_se(base, names, 64, fold=False)
-    variants['ours block (fused)'] = with_our_block_se(base)
-    variants['plain block (timm formulation)'] = with_plain_block_se(base)
     try:
         import timm
-        if not sizes.device == 'cpu':
+        if sizes.device == 'cuda':
             variants['timm resnet50'] = timm.create_model('resnet50', pretrained=False)
             variants['timm seresnet50'] = timm.create_model('seresnet50', pretrained=False)
     except ImportError:
         print('# timm does not import; its resnet50 and seresnet50 are left out')
+    return variants
+
+
+def _sync_free_step(bench: Bench, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """One training step under ``torch.cuda.set_sync_debug_mode('error')``: ``'no sync'``, or what synchronised."""
+    if bench.device != 'cuda':
+        return 'not on CUDA'
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        bench.train_step(model, optimizer)
+        return 'no sync'
+    except RuntimeError as error:
+        return f'sync: {str(error).splitlines()[0]}'
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        sync(bench.device)
+
+
+def part_arms(sizes: Sizes, deadline: float) -> dict:
+    """Each arm (eager, compiled, reduce-overhead) with its variants: see the module docstring, part 3."""
+    from torch._dynamo.utils import counters
+    variants = resnet50_variants(sizes)
     bench = Bench(sizes, sizes.batch, sizes.image)
-    memory = {name: bench.peak_memory(model) for name, model in variants.items()}
-    speed = bench.throughput(variants)
-    # Ours, timm's, the plain ones of benchmarks/variants.py and Composer's (a wrapper around a conv).
-    se_types = ('SEModule', 'PlainSE', 'SqueezeExciteConv2d')
-    blocks = {name: sum(isinstance(m, SqueezeExcite2d) or
-                        (type(m).__name__ in se_types and not isinstance(m, nn.Conv2d)) for m in model.modules())
+    blocks = {name: sum(isinstance(m, SqueezeExcite2d) or (type(m).__name__ in ('SEModule', 'SqueezeExciteConv2d') and
+                                                            not isinstance(m, nn.Conv2d)) for m in model.modules())
               for name, model in variants.items()}
-    return {name: {'blocks': blocks[name], 'train_images_per_s': speed[name]['train'],
-                   'infer_images_per_s': speed[name]['infer'], 'max_memory_allocated': memory[name]}
-            for name in variants}
-
-
-def part_compiled(sizes: Sizes, deadline: float) -> dict:
-    torch.manual_seed(0)
-    base = sizes.compile_model()
-    minimum = 512 if sizes.device == 'cuda' else 8
-    variants = {
-        'compiled: plain': copy.deepcopy(base),
-        'compiled: ours conv min512 folded': with_our_se(base, chosen_convs(base, 'out', minimum), 64),
-        'compiled: ours block (fused)': with_our_block_se(base),
-    }
-    image = sizes.image if sizes.device == 'cuda' else 16
-    bench = Bench(sizes, sizes.batch, image, classes=10 if sizes.device == 'cpu' else 1000)
-    compiled, compile_seconds = {}, {}
-    for name, model in variants.items():
-        if time.time() > deadline:
-            print(f'# out of time: {name} is not compiled')
-            continue
-        started = time.time()
-        model, optimizer = bench.prepare(model)
-        model = torch.compile(model)
-        for _ in range(2):
-            bench.train_step(model, optimizer)
-        sync(sizes.device)
-        compile_seconds[name] = time.time() - started
-        compiled[name] = model
-    speed = bench.throughput(compiled, infer=False, warmup=1)
-    return {name: {'train_images_per_s': speed[name]['train'], 'compile_and_warmup_s': compile_seconds[name]}
-            for name in compiled}
+    results = {}
+    for arm, options in ARMS.items():
+        rows, prepared, skipped = {}, {}, []
+        names = list(variants) if options is None else [name for name in COMPILED_VARIANTS if name in variants]
+        for name in names:
+            if options is not None and time.time() > deadline:
+                skipped.append(name)
+                continue
+            torch._dynamo.reset()
+            skips_before = counters['inductor']['cudagraph_skips']
+            started = time.time()
+            model, optimizer = bench.prepare(copy.deepcopy(variants[name]))
+            if options is not None:
+                backend = sizes.compile_backend
+                model = torch.compile(model, backend=backend, **(options if backend == 'inductor' else {}))
+            for _ in range(2):  # compiles the training graph and, for CUDA graphs, records it
+                bench.train_step(model, optimizer)
+            model.eval()
+            bench.infer_step(model)  # ... and the inference graph
+            model.train()
+            sync(sizes.device)
+            row = {'blocks': blocks[name], 'max_memory_allocated': bench.step_memory(model, optimizer)}
+            if options is not None:
+                row['compile_and_warmup_s'] = time.time() - started
+                row['cudagraph_skips'] = counters['inductor']['cudagraph_skips'] - skips_before
+                row['host_sync'] = _sync_free_step(bench, model, optimizer)
+            rows[name], prepared[name] = row, (model, optimizer)
+        for name, speed in bench.throughput(prepared, warmup=1).items():
+            rows[name]['train_images_per_s'] = speed['train']
+            rows[name]['infer_images_per_s'] = speed['infer']
+        results[arm] = {'rows': rows, 'skipped': skipped}
+        del prepared
+        if sizes.device == 'cuda':
+            torch.cuda.empty_cache()
+    return results
 
 
 def part_resnet56(sizes: Sizes) -> dict:
@@ -416,8 +445,9 @@ def part_resnet56(sizes: Sizes) -> dict:
     apply_squeeze_excite(ours, latent_channels=64, min_channels=64)
     variants = {'plain': base, 'ours recipe (64, min 64)': ours, 'ours block (fused)': with_our_block_se(base)}
     bench = Bench(sizes, sizes.cifar_batch, 32, classes=10)
-    memory = {name: bench.peak_memory(model) for name, model in variants.items()}
-    speed = bench.throughput(variants, infer=False)
+    prepared = {name: bench.prepare(model) for name, model in variants.items()}
+    memory = {name: bench.step_memory(*pair) for name, pair in prepared.items()}
+    speed = bench.throughput(prepared, infer=False)
     return {name: {'train_images_per_s': speed[name]['train'], 'max_memory_allocated': memory[name]}
             for name in variants}
 
@@ -498,15 +528,19 @@ def markdown(results: dict) -> str:
             lines += ['', 'Tile sweep (SE then BN, forward + backward, ms): ' + ', '.join(
                 f'{name}: {ms:.3f}' for name, ms in k['tile sweep, SE then BN forward+backward ms'].items())]
         lines.append('')
-    for part, title in (('resnet50', 'ResNet-50, eager, bf16 autocast, channels_last'),
-                        ('compiled', 'ResNet-50 under torch.compile, training'),
-                        ('resnet56', 'ResNet-56 (CIFAR), eager, bf16 autocast, channels_last')):
-        if part not in results:
-            continue
-        rows = results[part]
-        plain = rows.get('plain') or rows.get('compiled: plain') or {}
-        lines += [f'## {title}', '', '| variant | SE blocks | train img/s | vs plain | target | infer img/s | vs plain | '
-                  'peak memory | vs plain |', '|---|---|---|---|---|---|---|---|---|']
+    tables = [(f'ResNet-50, {arm}, bf16 autocast, channels_last', arm, results['arms'][arm])
+              for arm in results.get('arms', {})]
+    if 'resnet56' in results:
+        tables.append(('ResNet-56 (CIFAR), eager, bf16 autocast, channels_last', 'resnet56',
+                       {'rows': results['resnet56'], 'skipped': []}))
+    for title, arm, table in tables:
+        rows = table['rows']
+        plain = rows.get('plain', {})
+        compiled = any('cudagraph_skips' in v for v in rows.values())
+        extra = ' compile s | CUDA-graph skips | host sync |' if compiled else ''
+        lines += [f'## {title}', '', '| variant | SE blocks | train img/s | vs plain | target | infer img/s | '
+                  'vs plain | step memory | vs plain |' + extra,
+                  '|---|---|---|---|---|---|---|---|---|' + ('---|---|---|' if compiled else '')]
         for name, v in rows.items():
             reference = rows.get('timm resnet50', plain) if name.startswith('timm se') else plain
 
@@ -516,15 +550,20 @@ def markdown(results: dict) -> str:
             train = v.get('train_images_per_s')
             infer = v.get('infer_images_per_s')
             memory = v.get('max_memory_allocated')
-            lines.append(
-                f"| {name} | {v.get('blocks', '-')} | {train:,.0f} | {ratio('train_images_per_s')} | "
-                f"{TARGETS.get((part, name), '-')} | {f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
-                f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
+            line = (f"| {name} | {v.get('blocks', '-')} | {f'{train:,.0f}' if train else '-'} | "
+                    f"{ratio('train_images_per_s')} | {TARGETS.get((arm, name), '-')} | "
+                    f"{f'{infer:,.0f}' if infer else '-'} | {ratio('infer_images_per_s')} | "
+                    f"{f'{memory / 2**30:.2f} GiB' if memory else '-'} | {ratio('max_memory_allocated')} |")
+            if compiled:
+                line += f" {v['compile_and_warmup_s']:.0f} | {v['cudagraph_skips']} | {v['host_sync']} |"
+            lines.append(line)
+        if table['skipped']:
+            lines += ['', f"Not compiled within the time budget: {', '.join(table['skipped'])}."]
         lines.append('')
     small_tables = {  # part: title, columns, and each row's cells from its values
         'host': ('Host work per fused call (8 x 64 x 4 x 4, latent 16; benchmarks/host_cost.py)',
-                 ('training step', 'host us', 'vs F.batch_norm', 'torch ops'),
-                 lambda v: (f"{v['host_us']:.1f}", f"{v['vs_batch_norm']:.2f}", v['torch_ops'])),
+                 ('training step', 'host us', 'vs F.batch_norm', 'Triton launches', 'torch ops'),
+                 lambda v: (f"{v['host_us']:.1f}", f"{v['vs_batch_norm']:.2f}", v['triton_launches'], v['torch_ops'])),
         'profile': ('Profile (two training steps; the kernel tables are in gpu_profile.txt)',
                     ('variant', 'ops with device time', 'their calls'),
                     lambda v: (v['ops with device time'], v['their calls'])),
@@ -540,26 +579,31 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Training images/s against no SE, per arm and variant, with the targets."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows = {**results.get('resnet50', {}), **results.get('compiled', {})}
-    names = [n for n in rows if n not in ('plain', 'compiled: plain') and not n.startswith('timm')]
-    if not names:
+    bars = []  # (label, ratio, target, ours)
+    for arm, table in results.get('arms', {}).items():
+        rows = table['rows']
+        for name, v in rows.items():
+            reference = rows.get('timm resnet50' if name.startswith('timm se') else 'plain')
+            if name in ('plain', 'timm resnet50') or not reference or not v.get('train_images_per_s'):
+                continue
+            bars.append((f'{arm}: {name}', v['train_images_per_s'] / reference['train_images_per_s'],
+                         TARGETS.get((arm, name)), 'ours' in name))
+    if not bars:
         return
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(names) + 1.5))
-    for index, name in enumerate(names):
-        reference = rows['compiled: plain' if name.startswith('compiled') else 'plain']
-        ratio = rows[name]['train_images_per_s'] / reference['train_images_per_s']
-        ax.barh(index, ratio, color='tab:blue' if 'ours' in name else 'tab:grey')
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(bars) + 1.5))
+    for index, (label, ratio, target, ours) in enumerate(bars):
+        ax.barh(index, ratio, color='tab:blue' if ours else 'tab:grey')
         ax.text(ratio, index, f' {ratio:.3f}', va='center')
-        target = TARGETS.get(('compiled' if name.startswith('compiled') else 'resnet50', name))
         if target is not None:
             ax.plot([target] * 2, [index - 0.4, index + 0.4], color='tab:red')
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(bars)), [bar[0] for bar in bars])
     ax.set_xlim(0.5, 1.1)
     ax.axvline(1.0, color='black', lw=0.5)
-    ax.set_xlabel('training images/s against no SE (red: target)')
+    ax.set_xlabel('training images/s against no SE in the same arm (red: target)')
     env = results['environment']
     ax.set_title(f"ResNet-50, batch {results['sizes']['batch']}, bf16, channels_last: {env['device']}, "
                  f"torch {env['versions']['torch']}")
@@ -571,10 +615,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', required=True, type=Path)
     parser.add_argument('--dry-run', action='store_true', help='every part at toy size on CPU')
-    parser.add_argument('--parts', nargs='+', default=['correctness', 'kernels', 'resnet50', 'compiled', 'resnet56',
-                                                       'host', 'profile'])
-    parser.add_argument('--time-budget', type=float, default=420.0,
-                        help='seconds after which no further model is compiled (default 420)')
+    parser.add_argument('--parts', nargs='+', default=['correctness', 'kernels', 'arms', 'resnet56', 'host', 'profile'])
+    parser.add_argument('--time-budget', type=float, default=300.0,
+                        help='seconds from the start after which no further model is compiled (default 300)')
     args = parser.parse_args(argv)
     started = time.time()
     if args.dry_run:
@@ -592,8 +635,7 @@ def main(argv=None) -> int:
     parts = {
         'correctness': lambda: part_correctness(sizes),
         'kernels': lambda: part_kernels(sizes),
-        'resnet50': lambda: part_resnet50(sizes),
-        'compiled': lambda: part_compiled(sizes, started + args.time_budget),
+        'arms': lambda: part_arms(sizes, started + args.time_budget),
         'resnet56': lambda: part_resnet56(sizes),
         'host': lambda: part_host(sizes),
         'profile': lambda: part_profile(sizes, args.out),

@@ -8,8 +8,8 @@ Eager ResNet-50 on a fast GPU is bound by the host issuing its work (see
 costs there. This times the forward and backward of one call on a small activation (the
 GPU idles; nothing synchronises inside the timed loop) for ``F.batch_norm`` alone, SE
 then BatchNorm (a block folded into the BatchNorm after its conv) and BatchNorm then SE
-(a block at the end of a residual branch), and, for comparison, SE written plainly before
-``F.batch_norm`` (an unfolded block); and counts what each step issues: Triton launches
+(a block at the end of a residual branch), both :func:`composer_se.batchnorm.se_batch_norm`,
+and, for comparison, SE written plainly before ``F.batch_norm`` (an unfolded block); and counts what each step issues: Triton launches
 (through Triton's launch hook) and torch operations (views, other metadata-only
 operations and allocations excluded). Each step starts with no ``.grad`` set, as after
 ``optimizer.zero_grad()``, so autograd accumulates nothing.
@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.accuracy import device_name  # noqa: E402
-from composer_se.fused import batch_norm_squeeze_excite, squeeze_excite_batch_norm  # noqa: E402
+from composer_se.batchnorm import se_batch_norm  # noqa: E402
 from composer_se.layers import SqueezeExcite2d  # noqa: E402
 
 #: Operations that only make views, read metadata or allocate: no kernel on any device.
@@ -77,11 +77,17 @@ def counting_launches(launches: Counter):
     def count(metadata):
         launches[metadata.get()['name'] if hasattr(metadata, 'get') else 'kernel'] += 1
 
-    setattr(hooks, attribute, count)
+    if hasattr(previous, 'add'):  # Triton 3.5 and later: a chain of hooks
+        previous.add(count)
+    else:
+        setattr(hooks, attribute, count)
     try:
         yield
     finally:
-        setattr(hooks, attribute, previous)
+        if hasattr(previous, 'remove'):
+            previous.remove(count)
+        else:
+            setattr(hooks, attribute, previous)
     del triton
 
 
@@ -105,10 +111,10 @@ def steps(batch: int, channels: int, latent: int, size: int, device: str) -> dic
     return {
         'F.batch_norm': step(lambda: F.batch_norm(u, norm.running_mean, norm.running_var, norm.weight, norm.bias,
                                                   True, 0.1, norm.eps)),
-        'SE then BatchNorm (folded)': step(lambda: squeeze_excite_batch_norm(u, se, norm, 0.1, norm.running_mean,
-                                                                             norm.running_var)),
-        'BatchNorm then SE (block end)': step(lambda: batch_norm_squeeze_excite(u, norm, se, 0.1, norm.running_mean,
-                                                                                norm.running_var)),
+        'SE then BatchNorm (folded)': step(lambda: se_batch_norm(u, se, norm, True, 0.1, norm.running_mean,
+                                                                 norm.running_var)),
+        'BatchNorm then SE (block end)': step(lambda: se_batch_norm(u, se, norm, False, 0.1, norm.running_mean,
+                                                                    norm.running_var)),
         # SE written plainly, as an unfolded block and Composer's SE do
         'SE then BatchNorm, plain operations': step(lambda: F.batch_norm(se(u), norm.running_mean, norm.running_var,
                                                                          norm.weight, norm.bias, True, 0.1,

@@ -25,7 +25,7 @@ resnet56) takes those with ``out >= min_channels``. Composer's SE goes on exactl
 convs (its own ``SqueezeExciteConv2d``), ours through ``include=`` on their names.
 ``--placement block`` compares the paper's place instead (one block at the end of every
 residual branch, reduction 16), written plainly (a separate SE module after the last
-BatchNorm, as timm's ``seresnet`` does) and ours (:func:`~composer_se.fused.batch_norm_squeeze_excite`).
+BatchNorm, as timm's ``seresnet`` does) and ours (:class:`~composer_se.batchnorm.SqueezeExciteBatchNorm2d`).
 The variants are built in ``benchmarks/variants.py``.
 """
 

@@ -9,17 +9,20 @@ ptxas, which needs no GPU. Only the last step differs: the launcher does nothing
 the host does to issue a kernel can be timed (``benchmarks/host_cost.py``); or it runs the
 kernel in Triton's interpreter on the CPU tensors it was given, so that code which must
 see real ``triton.jit`` kernels (``torch.library.wrap_triton``, ``torch.compile``'s graphs)
-is checked for its numbers too. While the driver is active, :func:`composer_se.fused.runs_triton`
+is checked for its numbers too. While the driver is active, :func:`composer_se.batchnorm.runs_triton`
 is true for CPU tensors (the driver's torch device is the CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from typing import Iterator
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
@@ -33,10 +36,12 @@ _LOAD_RETURNS_MAX_THREADS = tuple(int(part) for part in triton.__version__.split
 
 
 class _Utils:
-    """The driver's module utilities: loading a kernel binary gives no handle; the device is an H100."""
+    """The driver's module utilities: loading a kernel binary gives a module handle but no function; the device is an
+    H100."""
 
     def load_binary(self, name, kernel, shared, device):
-        return (None, 0, 0, 0, 1024) if _LOAD_RETURNS_MAX_THREADS else (None, 0, 0, 0)
+        module = object()  # not None: Triton then keeps the kernel's launcher, as with a real module
+        return (module, 0, 0, 0, 1024) if _LOAD_RETURNS_MAX_THREADS else (module, 0, 0, 0)
 
     def get_device_properties(self, device):
         return dict(H100)
@@ -51,24 +56,78 @@ def _launcher(interpret: bool):
     """
 
     def make(src, metadata):
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            run = InterpretedFunction(src.fn.fn)
-        else:
-            run = None
-
         def launch(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
                    *args):
             if enter_hook is not None:
                 enter_hook(launch_metadata)
-            if run is not None:
-                run[(grid_x, grid_y, grid_z)](*args)
+            if interpret:
+                _interpret(src.fn, (grid_x, grid_y, grid_z), args)
             if exit_hook is not None:
                 exit_hook(launch_metadata)
 
         return launch
 
     return make
+
+
+def _interpret(kernel, grid: tuple, args: tuple) -> None:
+    """Runs ``kernel`` in Triton's interpreter, then leaves ``triton.language`` as it found it.
+
+    The ``triton.jit`` functions the kernel calls (its module's, and those of
+    ``triton.language``, such as ``tl.zeros``) are swapped for interpreted ones while it
+    runs, as ``TRITON_INTERPRET=1`` would have made them; and the interpreter's changes to
+    ``triton.language`` (it sets numpy versions of the language's functions and methods,
+    for good) are undone, so that Triton still compiles the next kernel. Integer operations
+    are not checked for overflow (as compiled kernels are not, outside debug mode).
+    """
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang, interpreter_builder
+    from triton.runtime.jit import JITFunction
+    modules = [module for name, module in list(sys.modules.items())
+               if name.startswith('triton.language') and module is not None]
+    owners = _PATCHED or modules + [value for module in modules for value in vars(module).values()
+                                    if isinstance(value, type) and value.__module__.startswith('triton')]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    namespaces = [kernel.fn.__globals__] + [vars(module) for module in modules]
+    jitted = [(names, {name: value for name, value in names.items() if isinstance(value, JITFunction)})
+              for names in namespaces]
+    for names, functions in jitted:
+        names.update({name: _device_function(value.fn) for name, value in functions.items()})
+        if functions and any(value in (tl, tl.core) for value in names.values()):
+            _patch_lang(next(iter(functions.values())).fn)  # the language as this module sees it, once a launch
+    options = interpreter_builder.options  # without numpy checks of every integer operation
+    interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    try:
+        InterpretedFunction(kernel.fn)[grid](*args)
+    finally:
+        interpreter_builder.options = options
+        for names, functions in jitted:
+            names.update(functions)
+        for owner, attributes in saved:
+            now = vars(owner)
+            changed = [name for name in now if attributes.get(name, _MISSING) is not now[name]]
+            if changed and owner not in _PATCHED:
+                _PATCHED.append(owner)  # the interpreter patches the same objects each time: watch only those
+            for name in changed:
+                if name in attributes:
+                    setattr(owner, name, attributes[name])
+                else:
+                    delattr(owner, name)
+
+
+def _device_function(fn):
+    """``fn`` as the interpreter runs a function a kernel calls: its rewritten form, called as it is (the language is
+    already the interpreter's while the kernel runs; an ``InterpretedFunction`` would set it up again at every call,
+    which makes a kernel with many small functions run a hundred times slower)."""
+    if fn not in _DEVICE_FUNCTIONS:
+        from triton.runtime.interpreter import InterpretedFunction
+        _DEVICE_FUNCTIONS[fn] = InterpretedFunction(fn).rewrite()
+    return _DEVICE_FUNCTIONS[fn]
+
+
+_DEVICE_FUNCTIONS: dict = {}
+#: The modules and classes of ``triton.language`` that running the interpreter changed, learnt on its first run.
+_PATCHED: list = []
+_MISSING = object()
 
 
 class StandInDriver:

@@ -2,8 +2,9 @@
 
 The package has three layers:
 
-- :mod:`composer_se.layers` and :mod:`composer_se.folding`: the SE modules, in plain
-  PyTorch (a saved, scripted or exported SE model needs only them);
+- :mod:`composer_se.layers` and :mod:`composer_se.batchnorm`: the SE modules, and the
+  BatchNorms that apply a block in their own pass, in plain PyTorch (a saved, scripted
+  or exported SE model needs only them);
 - the surgery that puts SE into a model, and its Composer algorithm
   (:mod:`~composer_se.surgery`, :mod:`~composer_se.algorithm`, :mod:`~composer_se.plan`);
 - :mod:`composer_se.recipes`: YAML recipes, run with ``composer -m composer_se.train``.
@@ -42,7 +43,7 @@ _HOMES = {
     'AddedBlock': 'composer_se.surgery',
     'SqueezeExcite': 'composer_se.algorithm',
     'SqueezeExcite2d': 'composer_se.layers',
-    'SqueezeExciteBatchNorm2d': 'composer_se.layers',
+    'SqueezeExciteBatchNorm2d': 'composer_se.batchnorm',
     'SqueezeExciteConv2d': 'composer_se.layers',
     'SqueezeExciteReport': 'composer_se.surgery',
     'SqueezeExciteSettings': 'composer_se.settings',

@@ -9,7 +9,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from composer_se.checkpoint_guard import CheckpointGuard, register_with_composer
-from composer_se.folding import broken_folds
+from composer_se.batchnorm import broken_folds
 from composer_se.settings import SqueezeExciteSettings, settings_from
 from composer_se.surgery import apply_squeeze_excite, network_of
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from composer_se.folding import fold_targets
+from composer_se.batchnorm import fold_targets
 from composer_se.settings import UNSET, Patterns, SqueezeExciteSettings, settings_from
 from composer_se.surgery import network_of, select_sites
 

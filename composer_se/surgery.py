@@ -29,8 +29,8 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_se.folding import fold_into_batch_norm_, fold_targets
-from composer_se.layers import SqueezeExcite2d, SqueezeExciteBatchNorm2d, SqueezeExciteConv2d
+from composer_se.batchnorm import SqueezeExciteBatchNorm2d, fold_into_batch_norm_, fold_targets
+from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
 from composer_se.placement import Site, find_sites
 from composer_se.settings import DEFAULTS, UNSET, Patterns, SqueezeExciteSettings, settings_from
@@ -303,7 +303,7 @@ def apply_squeeze_excite(
             ``torch.fx`` trace), the BatchNorm applies the conv's SE block together
             with its normalisation, in one pass over the activation and without
             keeping a second copy of it for backward
-            (:class:`~composer_se.folding.FoldedSqueezeExciteBatchNorm2d`). The result
+            (:class:`~composer_se.batchnorm.FoldedSqueezeExciteBatchNorm2d`). The result
             is the same up to rounding, parameter names and param groups do not change,
             but the conv module alone then returns its output *before* SE (hooks on it
             see that). ``False`` keeps every block inside its conv. A model that does

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from composer import Trainer
 from composer.models import ComposerClassifier
@@ -91,21 +93,52 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(size for ptr, size in storages.items() if ptr not in params)
 
 
-def compiled_operators(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """``model(x)`` under ``torch.compile`` (one graph, AOTAutograd without code generation), and the ``composer_se``
-    operators in its graph."""
-    from torch._dynamo.backends.registry import lookup_backend
+def compiled_graphs(model: nn.Module, *inputs: torch.Tensor, dynamic=None,
+                    run: bool = True) -> tuple[torch.Tensor, dict]:
+    """``model(*inputs)`` under ``torch.compile`` (one graph, AOTAutograd, no code generation): the output, and the
+    graphs AOTAutograd hands a backend, ``{'forward': [...], 'backward': [...]}`` (the backward's once it has run).
 
-    graphs = []
+    With ``run=False`` the graphs are traced and kept, and not run: each returns empty
+    tensors of the sizes and dtypes it would, for what follows to trace on.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
-    def recording(gm, inputs):
-        graphs.append(gm)
-        return lookup_backend('aot_eager')(gm, inputs)
+    graphs = {'forward': [], 'backward': []}
+
+    def unrun(gm):
+        (output,) = [node for node in gm.graph.nodes if node.op == 'output']
+        values = [node.meta.get('val') if isinstance(node, torch.fx.Node) else node for node in output.args[0]]
+
+        def returns_empties(*args):
+            return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+                    for v in values]
+        return returns_empties
+
+    def recording(kind):
+        def compile(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward) if run else make_boxed_func(unrun(gm))
+        return compile
 
     torch._dynamo.reset()
-    out = torch.compile(model, backend=recording, fullgraph=True)(x)
-    names = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == 'call_function']
-    return out, [name for name in names if name.startswith('composer_se.')]
+    backend = aot_autograd(fw_compiler=recording('forward'), bw_compiler=recording('backward'))
+    return torch.compile(model, backend=backend, fullgraph=True, dynamic=dynamic)(*inputs), graphs
+
+
+def graph_calls(graphs: list) -> list[str]:
+    """What the graphs call, in order: operator names, and each Triton kernel by its function's name."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    calls = []
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op != 'call_function':
+                continue
+            if 'triton_kernel_wrapper' in str(node.target):
+                calls.append(kernel_side_table.get_kernel(node.kwargs['kernel_idx']).fn.__name__)
+            else:
+                calls.append(str(node.target))
+    return calls
 
 
 def se_basic_blocks(placement: str) -> tuple[nn.Sequential, int]:
@@ -118,3 +151,36 @@ def se_basic_blocks(placement: str) -> tuple[nn.Sequential, int]:
     model = nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8))
     report = apply_squeeze_excite(model, latent_channels=3, min_channels=8, placement=placement)
     return model, report.num_blocks
+
+
+def stack(channels: int = 8, depth: int = 3) -> nn.Sequential:
+    """conv -> BN -> ReLU(inplace) blocks: every conv feeds a BatchNorm and nothing else."""
+    layers, inputs = [], 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(inputs, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(True)]
+        inputs = channels
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 4))
+
+
+def folded_and_plain(model: nn.Module, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """Two copies with the same SE weights: one folded, one with SE inside the convs."""
+    from composer_se import apply_squeeze_excite
+    plain = copy.deepcopy(model)
+    torch.manual_seed(1)
+    folded_report = apply_squeeze_excite(model, fold_batchnorm=True, **kwargs)
+    torch.manual_seed(1)
+    plain_report = apply_squeeze_excite(plain, fold_batchnorm=False, **kwargs)
+    assert folded_report.num_folded == folded_report.num_blocks > 0
+    assert plain_report.num_folded == 0
+    return model, plain
+
+
+def randomise_norms(model: nn.Module) -> None:
+    """BatchNorm weights, biases and running statistics away from their initial 1s and 0s."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2)

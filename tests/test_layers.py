@@ -28,11 +28,11 @@ def reference_se(block: SqueezeExcite2d, u: torch.Tensor) -> torch.Tensor:
 def test_the_layers_need_neither_composer_nor_torchvision(tmp_path):
     """In a fresh interpreter: importing the SE modules, or unpickling an SE model, imports only torch."""
     model = torch.nn.Sequential(SqueezeExciteConv2d(3, 8, 3, latent_channels=2), torch.nn.BatchNorm2d(8))
-    apply_fold = 'from composer_se.folding import fold_into_batch_norm_; '
+    apply_fold = 'from composer_se.batchnorm import fold_into_batch_norm_; '
     check = ('import sys; heavy = sorted({m.split(".")[0] for m in sys.modules} & {"composer", "torchvision", "timm", "triton"}); '
              'print(heavy)')
     for code in (
-        'import composer_se.layers, composer_se.folding, composer_se.fused; ' + check,
+        'import composer_se.layers, composer_se.batchnorm; ' + check,
         f'import torch; {apply_fold}m = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False); '
         'fold_into_batch_norm_(m[0], m[1]); m(torch.randn(2, 3, 8, 8)); ' + check,
     ):

@@ -16,7 +16,7 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
 from composer_se import SqueezeExciteConv2d, apply_squeeze_excite
-from composer_se.folding import can_fold
+from composer_se.batchnorm import can_fold
 from composer_se.placement import TIMM_ATTENTION_MODULES, registered_attention_modules, registered_blocks
 from tests.helpers import assert_steps_match
 

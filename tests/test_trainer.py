@@ -161,7 +161,7 @@ def float64_resnet20_run(fold_batchnorm: bool) -> tuple[dict[str, torch.Tensor],
     """
     from composer.optim import DecoupledSGDW
 
-    from composer_se.folding import FoldedSqueezeExciteBatchNorm2d
+    from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d
     from composer_se.recipes.models.cifar_resnet import cifar_resnet
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

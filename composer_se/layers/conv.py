@@ -20,7 +20,7 @@ class SqueezeExciteConv2d(nn.Conv2d):
 
     Construct it like a ``Conv2d`` plus the SE arguments, or turn an existing
     ``Conv2d`` into one in place with :meth:`convert_`. After
-    :func:`~composer_se.folding.fold_into_batch_norm_`, the BatchNorm it feeds applies
+    :func:`~composer_se.batchnorm.fold_into_batch_norm_`, the BatchNorm it feeds applies
     the block and the conv returns its output before SE (see ``folded_into_norm``).
 
     Args:
@@ -39,7 +39,7 @@ class SqueezeExciteConv2d(nn.Conv2d):
         )
         self.folded_into_norm = False
 
-    #: ``True`` once :func:`~composer_se.folding.fold_into_batch_norm_` has handed the
+    #: ``True`` once :func:`~composer_se.batchnorm.fold_into_batch_norm_` has handed the
     #: block to the BatchNorm that this conv feeds: the conv then returns its plain
     #: output and that BatchNorm applies the block (except under TorchScript and
     #: tracing, where the conv does). Set on each instance too, where TorchScript looks.

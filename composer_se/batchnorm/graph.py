@@ -1,7 +1,7 @@
 """Which convolutions feed a BatchNorm and nothing else, read from the model's traced graph.
 
 SE after such a conv can be folded into the BatchNorm (see
-:class:`~composer_se.folding.FoldedSqueezeExciteBatchNorm2d`). The module tree alone
+:class:`~composer_se.batchnorm.FoldedSqueezeExciteBatchNorm2d`). The module tree alone
 cannot tell (registration order is not call order, and a conv's output may also go
 elsewhere), so this traces the model's forward with ``torch.fx`` and reads the data flow.
 """
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from torch import fx, nn
 
-from composer_se.folding.modules import can_fold
+from composer_se.batchnorm.fold import can_fold
 
 __all__ = ['batch_norm_consumers', 'fold_targets']
 
@@ -59,7 +59,7 @@ def fold_targets(network: nn.Module, convs: Sequence[nn.Conv2d]) -> tuple[dict[i
     """For each of ``convs`` (by ``id``) whose SE block can be folded, its BatchNorm; and why none can be, if so.
 
     A conv's output must go to a BatchNorm alone (:func:`batch_norm_consumers`) that
-    :func:`~composer_se.folding.can_fold` accepts.
+    :func:`~composer_se.batchnorm.can_fold` accepts.
     """
     if not convs:
         return {}, None
