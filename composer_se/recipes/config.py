@@ -27,6 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 __all__ = [
     'CheckpointConfig',
+    'CompileConfig',
     'DataConfig',
     'LoggersConfig',
     'ModelConfig',
@@ -210,6 +211,39 @@ class CheckpointConfig:
                               f'a run saved (such as ckpt/ep3-ba1200-rank0.pt)')
 
 
+#: torch.compile's modes; all but 'default' are Inductor's.
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` for the model, through Composer's ``Trainer(compile_config=...)``: ``compile: {}`` turns it on
+    with torch's defaults, ``compile: null`` (the default) leaves the model eager."""
+
+    mode: str = 'default'  #: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    fullgraph: bool = False  #: fail on a graph break instead of running that part eagerly
+    dynamic: Optional[bool] = None  #: null: torch's choice (static, then dynamic where sizes change)
+    backend: str = 'inductor'  #: inductor, or another torch.compile backend (aot_eager: no code generation)
+
+    def validate(self) -> None:
+        if self.mode not in COMPILE_MODES:
+            raise RecipeError(f'unknown compile.mode {self.mode!r}; choose one of {", ".join(COMPILE_MODES)}')
+        import torch
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if self.backend not in backends:
+            raise RecipeError(f'unknown compile.backend {self.backend!r}; choose one of {", ".join(sorted(backends))}')
+        if self.mode != 'default' and self.backend != 'inductor':
+            raise RecipeError(f'compile.mode {self.mode} is a mode of the inductor backend, not of '
+                              f'{self.backend!r}; set compile.backend=inductor or compile.mode=default')
+
+    def trainer_config(self) -> dict[str, Any]:
+        """What ``Trainer(compile_config=...)`` hands to ``torch.compile``."""
+        config = {'backend': self.backend, 'fullgraph': self.fullgraph, 'dynamic': self.dynamic}
+        if self.backend == 'inductor':
+            config['mode'] = self.mode
+        return config
+
+
 @dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -229,6 +263,7 @@ class RecipeConfig:
     precision: Optional[str] = None  #: fp32 | amp_fp16 | amp_bf16; default: amp_bf16 on GPU, fp32 on CPU
     device: Optional[str] = None  #: cpu | gpu; default: gpu when one is available
     device_train_microbatch_size: Optional[int] = None
+    compile: Optional[CompileConfig] = None  #: torch.compile the model (null: eager)
     base: Optional[str] = None  #: another recipe this one starts from (a path relative to this file; files only)
 
     def validate(self) -> None:
@@ -255,8 +290,9 @@ class RecipeConfig:
         if self.checkpoint.autoresume and not (self.run_name and self.checkpoint.save_folder):
             raise RecipeError('checkpoint.autoresume needs run_name and checkpoint.save_folder, so that a relaunch '
                               'finds the run\'s checkpoints')
-        for section in (self.model, self.data, self.optimizer, self.scheduler, self.checkpoint):
-            section.validate()
+        for section in (self.model, self.data, self.optimizer, self.scheduler, self.checkpoint, self.compile):
+            if section is not None:
+                section.validate()
 
 
 def _schema_at(path: list[str]) -> Optional[type]:
@@ -267,7 +303,8 @@ def _schema_at(path: list[str]) -> Optional[type]:
         if key not in fields:
             return None
         node = fields[key].type
-        node = globals().get(node, node) if isinstance(node, str) else node
+        if isinstance(node, str):  # an annotation, as ``from __future__ import annotations`` keeps them
+            node = globals().get(re.sub(r'^Optional\[(.*)\]$', r'\1', node), node)
     return node if dataclasses.is_dataclass(node) else None
 
 

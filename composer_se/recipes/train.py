@@ -158,6 +158,7 @@ def build_trainer(config: RecipeConfig) -> Trainer:
                 autoresume=config.checkpoint.autoresume,
                 load_path=config.checkpoint.load_path,
                 load_weights_only=config.checkpoint.load_weights_only,
+                compile_config=None if config.compile is None else config.compile.trainer_config(),
             )
     except (ValueError, TypeError) as error:
         if isinstance(error, (RecipeError, CheckpointError)):

@@ -132,6 +132,12 @@ def test_cifar_resnet_sizes():
     (['precision=fp8'], 'precision must be fp32, amp_fp16 or amp_bf16'),
     (['algorithms.randaugment={}'], 'randaugment and augmix transform images in the dataset; they need data.source'),
     (['loggers'], "override 'loggers' is not of the form key=value"),
+    (['compile.mdoe=max-autotune'], "unknown key 'compile.mdoe' in 'compile'. Did you mean 'mode'? Valid keys there: "
+     'backend, dynamic, fullgraph, mode'),
+    (['compile.mode=fast'], "unknown compile.mode 'fast'; choose one of default, reduce-overhead, max-autotune"),
+    (['compile.backend=tensorrtt'], "unknown compile.backend 'tensorrtt'; choose one of aot_eager"),
+    (['compile.backend=aot_eager', 'compile.mode=reduce-overhead'], 'compile.mode reduce-overhead is a mode of the '
+     "inductor backend, not of 'aot_eager'"),
 ])
 def test_config_errors_are_one_clear_message(overrides, message, capsys):
     extra = ['run_name=null'] if 'autoresume' in overrides[0] else []
@@ -139,6 +145,24 @@ def test_config_errors_are_one_clear_message(overrides, message, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith('composer_se.train: error: ') and message in err, err
     assert 'Traceback' not in err and len(err.splitlines()) == 1
+
+
+def test_a_compiled_recipe_trains_with_se():
+    """compile: goes to Composer's Trainer(compile_config=...): two batches of a small recipe, compiled (aot_eager on
+    CPU: no code generation), with SE folded; the compiled graph holds the block and the BatchNorm in plain operations
+    (on CPU; on CUDA the Triton kernels), no graph break."""
+    from torch._dynamo.utils import counters
+    config = load_recipe(DEMO, [*SHRINK, 'model.name=resnet20', 'compile.backend=aot_eager', 'compile.fullgraph=true'])
+    assert config.compile.trainer_config() == {'backend': 'aot_eager', 'fullgraph': True, 'dynamic': None}
+    assert load_recipe(DEMO, [*SHRINK]).compile is None  # eager unless asked
+    torch._dynamo.reset()
+    graphs = counters['stats']['unique_graphs']
+    trainer = build_trainer(config)
+    trainer.fit()
+    assert counters['stats']['unique_graphs'] > graphs
+    assert int(trainer.state.timestamp.batch) == 2
+    assert any(type(m).__name__ == 'FoldedSqueezeExciteBatchNorm2d' for m in trainer.state.model.modules())
+    torch._dynamo.reset()
 
 
 def test_missing_mandatory_keys_are_named(tmp_path, capsys):
