@@ -16,9 +16,10 @@ SE and the normalisation as one affine map per (n, c).
   :mod:`~composer_se.batchnorm.triton_steps` (CUDA) run the steps;
   :mod:`~composer_se.batchnorm.launch` launches the Triton kernels;
 - :mod:`~composer_se.batchnorm.compiled`: the form ``torch.compile`` sees, the operators
-  ``composer_se::se_batch_norm`` and its backward, registered when this package is
-  imported (as it is by unpickling an SE model), so that a program exported with them
-  loads.
+  ``composer_se::se_batch_norm`` and its backward, registered when that module is
+  imported (the compiler's first SE BatchNorm imports it; import it before loading a
+  program exported with them). Registering them imports Triton and, on newer torch,
+  Inductor, so nothing else imports it.
 
 It imports only ``torch``: Triton when a CUDA tensor first arrives, timm when a timm
 norm is folded.
@@ -28,8 +29,6 @@ from composer_se.batchnorm.fold import broken_folds, can_fold, fold_into_batch_n
 from composer_se.batchnorm.function import runs_triton, se_batch_norm, se_batch_norm_eval
 from composer_se.batchnorm.graph import batch_norm_consumers, fold_targets
 from composer_se.batchnorm.modules import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, SqueezeExciteNorm
-
-from composer_se.batchnorm import compiled  # noqa: E402,F401 - registers the operators
 
 __all__ = [
     'FoldedSqueezeExciteBatchNorm2d',

@@ -56,8 +56,11 @@ Tensor = torch.Tensor
 TILE = 8192
 MAX_TILE_CHANNELS = 128
 #: Tiles of the (N, C) kernels: the most batch rows, channels and hidden units a loop step
-#: spans (``tl.dot`` takes blocks of at least 16 on each side).
+#: spans (``tl.dot`` takes blocks of at least 16 on each side); those that own channels, and
+#: the two that own rows and hidden units (smaller, so that a batch of 256 and 64 hidden
+#: units still make 32 programs).
 STAT_ROWS, STAT_CHANNELS, STAT_HIDDEN = 64, 32, 64
+HIDDEN_ROWS, HIDDEN_CHANNELS, HIDDEN_UNITS = 16, 64, 32
 #: The (N, C) statistics kernel without a product: elements in one tile, and its rows.
 STAT_TILE, MAX_STAT_ROWS = 4096, 256
 
@@ -114,7 +117,10 @@ class _Geometry(NamedTuple):
     block_c: int  # the activation tiles'
     block_n: int
     block_cs: int
-    block_l: int  # the (N, C) kernels with products
+    block_l: int  # the (N, C) kernels with products that own channels
+    row_n: int
+    row_c: int
+    row_l: int  # ... and the two that own rows and hidden units
     stat_n: int
     stat_c: int  # the statistics kernel without one
     gate_l: int  # gate_affine's hidden units a step
@@ -142,18 +148,20 @@ def _geometry_of(shape: torch.Size, stride: tuple, dtype: torch.dtype, latent: i
     block_hw, block_c = _tile(channels_last, _static(c), _static(h * w))
     acc, acc_tl = _acc(dtype)
     if acc is torch.float64:  # its product is an elementwise one of all three blocks
-        block_n = block_cs = block_l = gate_l = 16
+        block_n = block_cs = block_l = gate_l = row_n = row_c = row_l = 16
     else:
         block_n, block_cs = _pow2(_static(n), 16, STAT_ROWS), _pow2(_static(c), 16, STAT_CHANNELS)
         block_l, gate_l = _pow2(latent, 16, STAT_HIDDEN), _pow2(latent, 16, 64)
+        row_n, row_c = _pow2(_static(n), 16, HIDDEN_ROWS), _pow2(_static(c), 16, HIDDEN_CHANNELS)
+        row_l = _pow2(latent, 16, HIDDEN_UNITS)
     stat_n = min(triton.next_power_of_2(_static(n)), MAX_STAT_ROWS)
     stat_c = max(1, min(triton.next_power_of_2(_static(c)), STAT_TILE // stat_n))
     # H and W merge into one axis: stride_h == w * stride_w in both layouts.
-    return _Geometry(n, c, h * w, (stride_n, stride_c, stride_w if _static(w) > 1 else stride_h), acc, acc_tl, block_hw,
-                     block_c, block_n, block_cs, block_l, stat_n, stat_c, gate_l, n * h * w,
-                     (n, triton.cdiv(c, block_c), 1), (n, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c)),
-                     (triton.cdiv(c, block_cs), 1, 1), (triton.cdiv(c, stat_c), 1, 1),
-                     (triton.cdiv(n, block_n), triton.cdiv(latent, block_l), 1))
+    strides = (stride_n, stride_c, stride_w if _static(w) > 1 else stride_h)
+    return _Geometry(n, c, h * w, strides, acc, acc_tl, block_hw, block_c, block_n, block_cs, block_l, row_n, row_c,
+                     row_l, stat_n, stat_c, gate_l, n * h * w, (n, triton.cdiv(c, block_c), 1),
+                     (n, triton.cdiv(h * w, block_hw), triton.cdiv(c, block_c)), (triton.cdiv(c, block_cs), 1, 1),
+                     (triton.cdiv(c, stat_c), 1, 1), (triton.cdiv(n, row_n), triton.cdiv(latent, row_l), 1))
 
 
 _cached_geometry = functools.lru_cache(maxsize=1024)(_geometry_of)
@@ -760,14 +768,14 @@ def forward(launch: Callable[..., None], se_first: bool, u: Tensor, w1: Tensor, 
            geo.block_c, acc_tl)
     if se_first:
         launch(_gate_hidden_kernel, geo.hidden_grid, ws, w1, b1, ws, ws, ws, ws, 0.0, n, c, latent, True, False,
-               False, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
+               False, geo.row_n, geo.row_c, geo.row_l, acc_tl)
         launch(_se_bn_forward_kernel, geo.channel_grid, ws, w2, b2, gate_scale, weight_, bias_, *running, n, c,
                latent, momentum, eps, geo.count, has_running, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
     else:
         launch(_bn_stats_kernel, geo.stat_grid, ws, weight_, bias_, *running, n, c, momentum, eps, geo.count,
                has_running, has_affine, geo.stat_n, geo.stat_c, acc_tl)
         launch(_gate_hidden_kernel, geo.hidden_grid, ws, w1, b1, ws, ws, ws, ws, 0.0, n, c, latent, False, False,
-               False, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
+               False, geo.row_n, geo.row_c, geo.row_l, acc_tl)
     launch(_gate_affine_kernel, geo.tiles_grid, x, y, ws, w2, b2, gate_scale, ws, ws, ws, ws, 0.0, n, c, geo.hw,
            latent, *geo.strides, se_first, not se_first, False, has_affine, geo.block_hw, geo.block_c, geo.gate_l,
            acc_tl)
@@ -798,15 +806,15 @@ def backward(launch: Callable[..., None], se_first: bool, grad_out: Tensor, u: T
     if se_first:
         launch(_se_bn_backward_kernel, geo.channel_grid, ws, ws2, gate_scale, grad_weight, grad_bias, grad_w2,
                grad_b2, n, c, latent, count, geo.hw, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
-        launch(_gate_hidden_backward_kernel, geo.hidden_grid, ws, ws2, w2, n, c, latent, True, geo.block_n,
-               geo.block_cs, geo.block_l, acc_tl)
+        launch(_gate_hidden_backward_kernel, geo.hidden_grid, ws, ws2, w2, n, c, latent, True, geo.row_n,
+               geo.row_c, geo.row_l, acc_tl)
         launch(_gate_input_backward_kernel, geo.channel_grid, ws, ws2, w1, grad_w1, grad_b1, geo.hw, n, c,
                latent, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
     else:
         launch(_bn_se_gate_grad_kernel, geo.channel_grid, ws, ws2, gate_scale, grad_w2, grad_b2, n, c, latent,
                geo.block_n, geo.block_cs, geo.block_l, acc_tl)
-        launch(_gate_hidden_backward_kernel, geo.hidden_grid, ws, ws2, w2, n, c, latent, False, geo.block_n,
-               geo.block_cs, geo.block_l, acc_tl)
+        launch(_gate_hidden_backward_kernel, geo.hidden_grid, ws, ws2, w2, n, c, latent, False, geo.row_n,
+               geo.row_c, geo.row_l, acc_tl)
         launch(_bn_se_backward_kernel, geo.channel_grid, ws, ws2, gate_scale, w1, grad_w1, grad_b1,
                ws2 if grad_weight is None else grad_weight, ws2 if grad_bias is None else grad_bias, n, c, latent,
                count, geo.hw, has_affine, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
@@ -831,7 +839,7 @@ def infer(launch: Callable[..., None], se_first: bool, u: Tensor, w1: Tensor, b1
     launch(_channel_stats_kernel, geo.rows_grid, x, ws, n, c, geo.hw, *geo.strides, False, geo.block_hw,
            geo.block_c, acc_tl)
     launch(_gate_hidden_kernel, geo.hidden_grid, ws, w1, b1, weight_, bias_, running_mean, running_var, eps, n, c,
-           latent, se_first, True, has_affine, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
+           latent, se_first, True, has_affine, geo.row_n, geo.row_c, geo.row_l, acc_tl)
     launch(_gate_affine_kernel, geo.tiles_grid, x, y, ws, w2, b2, gate_scale, weight_, bias_, running_mean,
            running_var, eps, n, c, geo.hw, latent, *geo.strides, se_first, True, True, has_affine, geo.block_hw,
            geo.block_c, geo.gate_l, acc_tl)

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from composer_se import apply_squeeze_excite
+from composer_se.batchnorm import compiled  # noqa: F401 - registers composer_se::se_batch_norm
 from composer_se.batchnorm.function import gate_tensors
 from composer_se.layers import SqueezeExcite2d
 from tests.helpers import compiled_graphs, graph_calls, se_basic_blocks
@@ -173,8 +174,8 @@ def test_compiled_cnns_beyond_resnets_hold_the_kernels_of_each_folded_block(name
     with stand_in_driver():
         out, graphs = compiled_graphs(model, torch.randn(2, 3, 32, 32), run=False)
         out.sum().backward()
-    torch._dynamo.reset()
     assert_compiles_to_kernels(graphs, 'conv', report.num_folded)
+    torch._dynamo.reset()
 
 
 def test_on_cpu_the_compiler_gets_plain_operations():
