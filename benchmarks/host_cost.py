@@ -9,16 +9,16 @@ costs there. This times the forward and backward of one call on a small activati
 GPU idles; nothing synchronises inside the timed loop) for ``F.batch_norm`` alone, SE
 then BatchNorm (a block folded into the BatchNorm after its conv) and BatchNorm then SE
 (a block at the end of a residual branch), both :func:`composer_se.batchnorm.se_batch_norm`,
-and, for comparison, SE written plainly before ``F.batch_norm`` (an unfolded block); and counts what each step issues: Triton launches
-(through Triton's launch hook) and torch operations (views, other metadata-only
-operations and allocations excluded). Each step starts with no ``.grad`` set, as after
+and, for comparison, SE written plainly before ``F.batch_norm`` (an unfolded block); and
+counts what each step issues: Triton launches (through Triton's launch hook) and torch
+operations (views, other metadata-only operations and allocations excluded). Each step starts with no ``.grad`` set, as after
 ``optimizer.zero_grad()``, so autograd accumulates nothing.
 
 ``--stand-in-driver`` runs on CPU tensors with ``benchmarks/stand_in_driver.py`` as
 Triton's driver: kernels compile for an H100 (sm_90) and every launch goes through
 Triton's launch path, and the launcher then does nothing. It times everything the host
-does, launches included, on any machine. Timing protocol: interleaved rounds, the minimum
-over rounds, one thread.
+does, launches included, on any machine. Timing protocol: interleaved rounds (each in
+another order: every variant starts some), the minimum over rounds, one thread.
 """
 
 from __future__ import annotations
@@ -135,8 +135,10 @@ def issue_times(device: str, batch: int, channels: int, latent: int, size: int, 
         rows[name] = {'triton_launches': sum(launches.values()), 'torch_ops': sum(counter.ops.values()),
                       'launches': dict(sorted(launches.items())), 'ops': dict(sorted(counter.ops.items()))}
     best = dict.fromkeys(to_time, float('inf'))
-    for _ in range(rounds):
-        for name, step in to_time.items():
+    names = list(to_time)
+    for round_index in range(rounds):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:  # each starts a round
+            step = to_time[name]
             if device == 'cuda':
                 torch.cuda.synchronize()  # the previous variant's work is done: the GPU idles
             start = time.perf_counter()

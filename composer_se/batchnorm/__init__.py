@@ -11,18 +11,18 @@ SE and the normalisation as one affine map per (n, c).
   conv's block into its BatchNorm, and which convs feed a BatchNorm alone (the fx trace);
 - :mod:`~composer_se.batchnorm.function`: what the modules call, in training (an
   autograd function in eager mode) and in eval;
-- :mod:`~composer_se.batchnorm.passes`: the arithmetic, forward, backward and eval, as
-  steps; :mod:`~composer_se.batchnorm.torch_steps` (CPU) and
-  :mod:`~composer_se.batchnorm.triton_steps` (CUDA) run the steps;
-  :mod:`~composer_se.batchnorm.launch` launches the Triton kernels;
+- :mod:`~composer_se.batchnorm.torch_passes`: the arithmetic (its derivation is that
+  module's docstring) and its passes, forward, backward and eval, in torch operations
+  (CPU); :mod:`~composer_se.batchnorm.triton_passes`: the same passes as Triton kernels
+  (CUDA), which :mod:`~composer_se.batchnorm.launch` launches;
 - :mod:`~composer_se.batchnorm.compiled`: the form ``torch.compile`` sees, the operators
   ``composer_se::se_batch_norm`` and its backward, registered when that module is
   imported (the compiler's first SE BatchNorm imports it; import it before loading a
   program exported with them). Registering them imports Triton and, on newer torch,
   Inductor, so nothing else imports it.
 
-It imports only ``torch``: Triton when a CUDA tensor first arrives, timm when a timm
-norm is folded.
+It imports only ``torch``: Triton when a CUDA tensor first arrives (or a Triton driver
+that takes CPU tensors is active), timm when a timm norm is folded.
 """
 
 from composer_se.batchnorm.fold import broken_folds, can_fold, fold_into_batch_norm_, folded_type

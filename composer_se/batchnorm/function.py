@@ -5,12 +5,14 @@ statistics) take the activation, the SE block and the BatchNorm, and ``se_first`
 then BatchNorm (a block folded into the BatchNorm after its conv) or BatchNorm then SE
 (a block at the end of a residual branch). The arithmetic is
 :mod:`~composer_se.batchnorm.torch_passes`. In eager mode training is an autograd
-function whose backward is the hand-written backward pass; under ``torch.compile`` on Triton devices it is the
-operator of :mod:`~composer_se.batchnorm.compiled`, whose kernels the compiler sees.
+function whose backward is the hand-written backward pass; under ``torch.compile`` on
+Triton devices it is the operator of :mod:`~composer_se.batchnorm.compiled`, whose
+kernels the compiler sees.
 
-Where the steps run: on CUDA tensors, as Triton kernels launched through a launch plan
-(:mod:`~composer_se.batchnorm.launch`); elsewhere as torch operations. Triton is imported
-the first time a CUDA tensor arrives.
+Where the passes run: on CUDA tensors, as Triton kernels
+(:mod:`~composer_se.batchnorm.triton_passes`) launched through a launch plan
+(:mod:`~composer_se.batchnorm.launch`); elsewhere as torch operations. Triton is
+imported the first time a CUDA tensor arrives.
 """
 
 from __future__ import annotations
