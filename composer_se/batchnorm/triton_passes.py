@@ -285,6 +285,12 @@ def _finish_stats(ws_ptr, K, SHIFT, MU, RSTD, w_ptr, b_ptr, rm_ptr, rv_ptr, rmo_
 
 
 @triton.jit
+def _saved_stats(ws_ptr, MU, RSTD, K, cs, c_in, ACC: tl.constexpr):
+    """The batch mean ``mu``, ``rstd`` and ``k = gamma rstd`` the forward pass kept, at channels ``cs``."""
+    return _load(ws_ptr + MU, cs, c_in, ACC), _load(ws_ptr + RSTD, cs, c_in, ACC), _load(ws_ptr + K, cs, c_in, ACC)
+
+
+@triton.jit
 def _gate_logits(h_ptr, w2_ptr, b2, ns, cs, N, C, L, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_L: tl.constexpr, ACC: tl.constexpr):
     """The gate's logits ``hidden[ns] @ W2[cs].T + b2`` (BLOCK_N, BLOCK_C); ``W2`` is (C, L)."""
@@ -610,9 +616,7 @@ def _se_bn_backward_kernel(ws_ptr, ws2_ptr, gs_ptr, gw_ptr, gb_ptr, gw2_ptr, gb2
     MEAN, VAR, SIG, Z, K, SHIFT, MU, RSTD, HIDDEN = _forward_slots(N, C, True)
     G_SUM, GU_C, GZ2, P, Q, R, GZ1 = _backward_slots(N, C)
     gate_scale = tl.load(gs_ptr).to(ACC)
-    mu = _load(ws_ptr + MU, cs, c_in, ACC)
-    rstd = _load(ws_ptr + RSTD, cs, c_in, ACC)
-    k = _load(ws_ptr + K, cs, c_in, ACC)
+    mu, rstd, k = _saved_stats(ws_ptr, MU, RSTD, K, cs, c_in, ACC)
     grad_bias = tl.zeros([BLOCK_C], ACC)
     sum_sgu = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
@@ -699,9 +703,7 @@ def _bn_se_backward_kernel(ws_ptr, ws2_ptr, gs_ptr, w1_ptr, gw1_ptr, gb1_ptr, gw
     G_SUM, GU_C, GZ2, P, Q, R, GZ1 = _backward_slots(N, C)
     _first_layer_grad(ws2_ptr + GZ1, ws_ptr + Z, gw1_ptr, gb1_ptr, cs, N, C, L, BLOCK_N, BLOCK_C, BLOCK_L, ACC)
     gate_scale = tl.load(gs_ptr).to(ACC)
-    mu = _load(ws_ptr + MU, cs, c_in, ACC)
-    rstd = _load(ws_ptr + RSTD, cs, c_in, ACC)
-    k = _load(ws_ptr + K, cs, c_in, ACC)
+    mu, rstd, k = _saved_stats(ws_ptr, MU, RSTD, K, cs, c_in, ACC)
     grad_bias = tl.zeros([BLOCK_C], ACC)
     sum_x = tl.zeros([BLOCK_C], ACC)
     for start in range(0, N, BLOCK_N):
