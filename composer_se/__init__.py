@@ -4,7 +4,8 @@ The package has three layers:
 
 - :mod:`composer_se.layers` and :mod:`composer_se.batchnorm`: the SE modules, and the
   BatchNorms that apply a block in their own pass, in plain PyTorch (a saved, scripted
-  or exported SE model needs only them);
+  or exported SE model needs only them); :mod:`composer_se.inference`, an SE model for
+  deployment (each conv fused with its BatchNorm, SE kept), torch-only as well;
 - the surgery that puts SE into a model, and its Composer algorithm
   (:mod:`~composer_se.surgery`, :mod:`~composer_se.algorithm`, :mod:`~composer_se.plan`);
 - :mod:`composer_se.recipes`: YAML recipes, run with ``composer -m composer_se.train``.
@@ -32,6 +33,7 @@ __all__ = [
     'SqueezeExciteReport',
     'SqueezeExciteSettings',
     'apply_squeeze_excite',
+    'fuse_for_inference',
     'register_attention_module',
     'register_residual_block',
 ]
@@ -48,6 +50,7 @@ _HOMES = {
     'SqueezeExciteReport': 'composer_se.surgery',
     'SqueezeExciteSettings': 'composer_se.settings',
     'apply_squeeze_excite': 'composer_se.surgery',
+    'fuse_for_inference': 'composer_se.inference',
     'register_attention_module': 'composer_se.placement',
     'register_residual_block': 'composer_se.placement',
 }

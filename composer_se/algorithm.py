@@ -47,9 +47,12 @@ class SqueezeExcite(Algorithm):
     ``algorithms``, so that SE goes after the convolutions they leave; the other order is
     an error, since they would drop the SE blocks. Composer's ``GhostBatchNorm`` may come
     in either order: it wraps each BatchNorm (ours included) and calls it once per ghost
-    batch. At ``Event.FIT_START`` it checks that every BatchNorm a block was folded into
-    is still in the model (something that really replaces BatchNorms, such as
-    ``SyncBatchNorm.convert_sync_batchnorm``, would skip those blocks).
+    batch. At ``Event.FIT_START`` and at each ``Event.EVAL_START`` it checks that every
+    BatchNorm a block was folded into is still in the model: something that replaces
+    BatchNorms, such as ``SyncBatchNorm.convert_sync_batchnorm``, or a conv and BatchNorm
+    fused by hand (``torch.nn.utils.fuse_conv_bn_eval`` with the BatchNorm then made an
+    ``Identity``), would skip those blocks; ``composer_se.fuse_for_inference`` fuses them
+    and keeps SE.
 
     It logs ``squeeze_excite/num_squeeze_excite_layers`` (blocks added) and
     ``squeeze_excite/num_params_added`` as hyperparameters.
@@ -119,7 +122,7 @@ class SqueezeExcite(Algorithm):
         return True
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
+        return event in (Event.INIT, Event.FIT_START, Event.EVAL_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
         if event == Event.BEFORE_LOAD:  # the Trainer loads checkpoints between the two
@@ -129,7 +132,7 @@ class SqueezeExcite(Algorithm):
         elif event == Event.AFTER_LOAD:
             if self._guard is not None:
                 self._guard.disable()
-        elif event == Event.FIT_START:
+        elif event in (Event.FIT_START, Event.EVAL_START):
             self._check_folds(state)
         elif event == Event.INIT:
             self._apply_surgery(state, logger)
@@ -141,7 +144,8 @@ class SqueezeExcite(Algorithm):
             raise RuntimeError(
                 f'The BatchNorms that apply the SE blocks of {", ".join(broken)} were replaced after SqueezeExcite '
                 f'ran, so those blocks would be skipped. Run whatever replaces BatchNorms before SqueezeExcite, '
-                f'or use SqueezeExcite(..., fold_batchnorm=False).',
+                f'use SqueezeExcite(..., fold_batchnorm=False), or, to fuse convs with their BatchNorms for '
+                f'inference, composer_se.fuse_for_inference(model), which keeps the SE blocks.',
             )
 
     def _apply_surgery(self, state: State, logger: Logger) -> None:

@@ -84,8 +84,10 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
     state dict that may hold part of the model) only SE blocks count: where ``saved``
     holds a module's own entries it must hold the module's SE block, with the same
     shapes, and it may not bring an SE block to a module of the model that has none.
-    Differences are looked for in the model's order, then in the checkpoint's; SE
-    blocks come before other entries.
+    Differences are looked for in the model's order, then in the checkpoint's. The first
+    difference outside SE blocks is reported where there is one: a model of another
+    architecture or width differs in its own layers, and its SE blocks differ only as a
+    consequence. SE is named only where the two differ in their SE blocks alone.
     """
     modules = dict(model.named_modules())
     expected = model.state_dict()
@@ -121,7 +123,7 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
             differences.append((None, key, f'the checkpoint has {key} {_shape(value)}, which the model lacks'))
     if not differences:
         return None
-    block, key, detail = next((d for d in differences if d[0] is not None), differences[0])
+    block, key, detail = next((d for d in differences if d[0] is None), differences[0])
     if block is None:
         kind, layer = 'other', key.rsplit('.', 1)[0] if '.' in key else key
     else:
@@ -172,6 +174,9 @@ def advice(mismatch: Mismatch, saved_call: Optional[str], current_call: Optional
         saved_as = saved_call or 'SqueezeExcite(...)'
         return (f'The checkpoint was saved with {saved_as} and this model has no SE blocks: '
                 f'{wording.no_se_model.format(saved=saved_as)}.')
+    if mismatch.kind == 'se' and saved_call is not None and saved_call == current_call:
+        return (f'The checkpoint was saved with the SqueezeExcite arguments of this run, so the models differ '
+                f'before SE was added; {wording.other}.')
     if mismatch.kind == 'se':
         saved_as = f'saved with {saved_call}' if saved_call else 'saved with other SqueezeExcite arguments'
         now = f' and this run uses {current_call}' if current_call else ''

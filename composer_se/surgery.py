@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections import Counter
@@ -29,7 +30,8 @@ from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
-from composer_se.batchnorm import SqueezeExciteBatchNorm2d, fold_into_batch_norm_, fold_targets
+from composer_se.batchnorm import (FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, fold_into_batch_norm_,
+                                   fold_targets)
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
 from composer_se.placement import Site, find_sites
@@ -164,11 +166,32 @@ class Selection:
     skipped: list[tuple[str, str]]  #: selected sites left alone: (name, reason)
     sites: list[Site]  #: every candidate site of the placement
     unsupported: list[str]  #: skipped sites of a type that cannot be converted, as 'name (Type)'
+    #: selected sites whose block differs from what these settings would add: (name, what is there)
+    others: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 _CONVERTIBLE = {nn.Conv2d: SqueezeExciteConv2d, nn.BatchNorm2d: SqueezeExciteBatchNorm2d}
+#: Modules that have (or apply) an SE block of this package's: a BatchNorm a conv's block was folded into counts.
+_HAS_A_BLOCK = (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d, FoldedSqueezeExciteBatchNorm2d)
 #: the reason in ``SqueezeExciteReport.skipped`` for a module that has a block already
 ALREADY_HAS_A_BLOCK = 'already has an SE block'
+
+
+def _block_there(module: nn.Module, settings: SqueezeExciteSettings, channels: int) -> Optional[str]:
+    """What SE of this package ``module`` already has, in words, where it is not what ``settings`` would add there;
+    else ``None`` (Composer's own blocks are named in the report's ``skipped``)."""
+    folded = isinstance(module, FoldedSqueezeExciteBatchNorm2d)
+    if folded:
+        block, placement = module._folded_se, 'conv'  # the block of the conv before it, folded into it
+    elif isinstance(module, (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d)):
+        block, placement = module.se, 'conv' if isinstance(module, SqueezeExciteConv2d) else 'block'
+    else:
+        return None
+    if (placement, block.latent_channels, block.init) == (settings.placement, settings.hidden_width(channels),
+                                                          settings.init):
+        return None
+    where = " (its conv's, folded into it)" if folded else ''
+    return f"a block of placement='{placement}', latent_channels={block.latent_channels}, init='{block.init}'{where}"
 
 
 def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -> Selection:
@@ -192,8 +215,11 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
             continue
         name, module = site.names[0], site.module
         # Composer's own SqueezeExciteConv2d marks the conv it wraps with _already_squeeze_excited.
-        if isinstance(module, tuple(_CONVERTIBLE.values())) or getattr(module, '_already_squeeze_excited', False):
+        if isinstance(module, _HAS_A_BLOCK) or getattr(module, '_already_squeeze_excited', False):
             selection.skipped.append((name, ALREADY_HAS_A_BLOCK))
+            there = _block_there(module, settings, site.channels)
+            if there is not None:
+                selection.others.append((name, there))
         elif site.attention is not None:
             where = 'inside' if settings.placement == 'conv' else 'in a residual block that already has'
             selection.skipped.append((name, f'{where} an SE or attention module ({site.attention})'))
@@ -343,13 +369,33 @@ def apply_squeeze_excite(
         >>> paper.names[:2]
         ['layer1.0.bn2', 'layer1.1.bn2']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'apply_squeeze_excite takes the model as a torch.nn.Module, got {type(model).__name__}: '
+                        f'{model!r:.80}')
     settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
                             exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
     selection = select_sites(model, settings)
-    plan, fold_unavailable = _plan(model, selection, settings, as_optimizers(optimizers))
+    optimizers = as_optimizers(optimizers)
+    _check_optimizers_hold_the_model(model, optimizers)
+    plan, fold_unavailable = _plan(model, selection, settings, optimizers)
     for planned in plan:
         _commit(planned)
     return _report(plan, selection, settings, fold_unavailable)
+
+
+def _check_optimizers_hold_the_model(model: nn.Module, optimizers: tuple[Optimizer, ...]) -> None:
+    """Optimizers given must hold some of the model's parameters: the SE blocks join their groups."""
+    if not optimizers:
+        return
+    held = {id(p) for opt in optimizers for group in opt.param_groups for p in group['params']}
+    if not any(id(p) in held for p in model.parameters()):
+        groups = sum(len(opt.param_groups) for opt in optimizers)
+        raise ValueError(
+            f'the optimizer given holds none of the model\'s parameters ({len(held)} parameters in {groups} param '
+            f'group{"s" if groups != 1 else ""}, none of them the model\'s), so the SE blocks would train in another '
+            f'model\'s optimizer. Pass the optimizer built from this model\'s parameters, or none and build it after '
+            f'applying SE.',
+        )
 
 
 def _plan(model: nn.Module, selection: Selection, settings: SqueezeExciteSettings,
@@ -405,6 +451,26 @@ def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExc
         )
     if not plan and not reapplied:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
+    if selection.others:
+        shown = '; '.join(f'{name} has {there}' for name, there in selection.others[:3])
+        more = f' (and {len(selection.others) - 3} more)' if len(selection.others) > 3 else ''
+        warnings.warn(
+            f'SE was applied again with other arguments, {settings.call()}: {len(selection.others)} of the modules '
+            f'they select already have SE of other arguments and were left as they are: {shown}{more}. '
+            f'{f"It added {len(plan)} blocks elsewhere." if plan else "It added no block."} To change the SE of a '
+            f'model, apply it to the model without SE.',
+            UserWarning,
+        )
+    wider = [planned.added for planned in plan if planned.added.latent_channels > planned.added.out_channels]
+    if wider:
+        example = wider[0]
+        warnings.warn(
+            f'latent_channels={settings.latent_channels} is more than the channels of {len(wider)} of the '
+            f'{len(plan)} blocks (for example {example.name}: {example.latent_channels} hidden units for '
+            f'{example.out_channels} channels): their hidden layer is wider than what it squeezes. A fraction '
+            f'(latent_channels=1/16) scales it with each block.',
+            UserWarning,
+        )
     return SqueezeExciteReport(
         added=tuple(planned.added for planned in plan),
         skipped=tuple(selection.skipped),

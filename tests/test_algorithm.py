@@ -34,8 +34,8 @@ def test_is_a_composer_algorithm_required_on_load():
 
 
 @pytest.mark.parametrize('event', list(Event))
-def test_matches_init_fit_start_and_checkpoint_loading(event):
-    expected = (Event.INIT, Event.FIT_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
+def test_matches_init_fit_and_eval_start_and_checkpoint_loading(event):
+    expected = (Event.INIT, Event.FIT_START, Event.EVAL_START, Event.BEFORE_LOAD, Event.AFTER_LOAD)
     assert SqueezeExcite().match(event, make_state()) == (event in expected)
 
 

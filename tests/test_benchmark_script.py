@@ -1,4 +1,4 @@
-"""The benchmark scripts still run: overhead.py's memory column, fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
+"""The benchmark scripts still run: overhead.py's memory column, fusion.py, fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def test_overhead_script_runs_and_measures_memory(tmp_path):
     assert variants['ours']['flops_added'] == variants['composer']['flops_added'] > 0
 
 
+def test_fusion_script_fuses_every_pair_and_times_the_four_variants(tmp_path):
+    out = tmp_path / 'fusion.json'
+    result = subprocess.run([
+        sys.executable, str(ROOT / 'benchmarks' / 'fusion.py'), '--model', 'resnet20', '--batch', '2', '--rounds', '1',
+        '--warmup', '0', '--min-channels', '64', '--json', str(out)
+    ], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert row['unfused_pairs'] == 0 and row['fused_pairs'] == 21  # every conv of ResNet-20 has its BatchNorm
+    assert row['fused_vs_unfused_max_relative_difference'] < 1e-4
+    assert set(row['seconds']) == {'none', 'none, fused', 'SE', 'SE, fused'}
+    assert all(0 < t < float('inf') for t in row['seconds'].values())
+
+
 def test_fold_parity_script_compares_rounding_and_outcomes():
     small = ['model.name=resnet20', 'data.synthetic_train_samples=64', 'data.synthetic_eval_samples=32',
              'global_batch_size=32', 'eval_batch_size=32', 'max_duration=4ba']
@@ -54,9 +68,11 @@ def test_fold_parity_script_compares_rounding_and_outcomes():
 
 
 def test_gpu_suite_dry_run_runs_every_part(tmp_path):
-    """benchmarks/gpu_suite.py at toy size on CPU: every part and arm runs and the outputs are written and readable."""
+    """benchmarks/gpu_suite.py at toy size on CPU: every part and arm runs and the outputs are written and readable.
+    Each compiled arm has 4 s to compile: it compiles its first variants and lists the rest as skipped (what the
+    compiled variants compute is tested in tests/batchnorm/test_compiled.py)."""
     result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_suite.py'), '--dry-run', '--out',
-                             str(tmp_path)], capture_output=True, text=True, timeout=900)
+                             str(tmp_path), '--compile-budget', '4'], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / 'gpu_results.json').read_text())
     assert results['failures'] == {}
@@ -68,7 +84,8 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
                                           'ours conv min128 unfolded', 'ours block (fused)'}
     for arm in ('compiled', 'reduce-overhead'):
         rows = arms[arm]['rows']
-        assert set(rows) | set(arms[arm]['skipped']) >= {'plain', 'ours conv min512 folded', 'ours block (fused)'}
+        assert 'plain' in rows and set(rows) | set(arms[arm]['skipped']) >= {'ours conv min512 folded',
+                                                                             'ours block (fused)'}
         assert all(row['cudagraph_skips'] == 0 and row['train_images_per_s'] > 0 for row in rows.values())
     checks = results['correctness']
     assert checks['conv, float32 ours: output vs float64'] < 1e-4

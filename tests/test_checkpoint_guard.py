@@ -12,6 +12,7 @@ import pytest
 import torch
 from composer import Trainer
 from composer.models import ComposerClassifier
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_se import SqueezeExcite
@@ -49,6 +50,23 @@ def test_trainer_checkpoint_with_other_se_blocks_is_refused_and_the_model_is_unt
             assert 'The checkpoint was saved with SqueezeExcite(latent_channels=4, min_channels=16' in str(info.value)
         else:
             assert 'load its weights into the model before the Trainer adds SE' in str(info.value)
+
+
+def test_a_checkpoint_of_another_width_names_the_layer_that_differs_not_se(tmp_path):
+    """The same SqueezeExcite arguments, a first conv 24 wide instead of 16: the error names the conv's own weight
+    with both shapes and says the models differ; the SE blocks, which differ only as a consequence, are not blamed."""
+    algorithm = dict(latent_channels=4, min_channels=16)
+    make_trainer([SqueezeExcite(**algorithm)], save_folder=str(tmp_path), save_interval='1ep', max_duration='1ep').fit()
+    wider = small_cnn()
+    wider[0], wider[1], wider[3][0] = nn.Conv2d(3, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.Conv2d(24, 32, 3)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(model=ComposerClassifier(wider, num_classes=4), max_duration='1ep', device='cpu', progress_bar=False,
+                train_dataloader=DataLoader(TensorDataset(*learnable_data()), batch_size=32),
+                algorithms=[SqueezeExcite(**algorithm)], load_path=str(tmp_path / 'ep1-ba8-rank0.pt'))
+    message = str(info.value)
+    assert 'at layer 0, 0.weight is (16, 3, 3, 3) in the checkpoint and (24, 3, 3, 3) in the model' in message
+    assert 'The checkpoint was saved from a different model; build the same model as the run that saved it' in message
+    assert 'SqueezeExcite(' not in message
 
 
 def test_a_load_that_fails_elsewhere_leaves_no_wrapper_behind_the_next_guard(tmp_path):

@@ -86,9 +86,26 @@ def test_identity_init_names_idempotency_with_blocks():
     missing, unexpected = model.load_state_dict(saved, strict=False)
     assert unexpected == [] and missing and all('.bn3.se.' in key for key in missing)
     with warnings.catch_warnings():
-        warnings.simplefilter('error')  # applying again is a silent no-op
-        again = apply_squeeze_excite(model, 1 / 16, 1, placement='block')
+        warnings.simplefilter('error')  # applying again with the same arguments is a silent no-op
+        again = apply_squeeze_excite(model, 1 / 16, 1, init='identity', placement='block')
     assert again.num_blocks == 0 and len(again.skipped) == 16
+    with pytest.warns(UserWarning, match=r"SE was applied again with other arguments, SqueezeExcite\(.*init='default'"
+                                         r".*16 of the modules they select already have SE of other arguments.*"
+                                         r"layer1.0.bn3 has a block of placement='block', latent_channels=16, "
+                                         r"init='identity'.*It added no block"):
+        other = apply_squeeze_excite(model, 1 / 16, 1, placement='block')
+    assert other.num_blocks == 0
+
+
+def test_the_paper_placement_on_a_conv_se_model_says_what_is_there():
+    model = torchvision.models.resnet50()
+    apply_squeeze_excite(model, 16, 1)
+    with pytest.warns(UserWarning) as caught:
+        report = apply_squeeze_excite(model, 1 / 16, 1, placement='block')
+    assert report.num_blocks == 0 and len(report.skipped) == 16
+    (message,) = [str(w.message) for w in caught]  # one warning, and not of a subclass whose forward would be dropped
+    assert ("16 of the modules they select already have SE of other arguments and were left as they are: layer1.0.bn3 "
+            "has a block of placement='conv', latent_channels=16, init='default' (its conv's, folded into it)") in message
 
 
 def test_se_parameters_join_the_group_of_the_branchs_last_conv_not_the_norms():

@@ -106,6 +106,34 @@ def test_bad_options_are_value_errors(kwargs, message):
         SqueezeExcite(**kwargs)
 
 
+def test_a_model_that_is_not_a_module_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="apply_squeeze_excite takes the model as a torch.nn.Module, got str: 'resnet'"):
+        apply_squeeze_excite('resnet', 16, 256)
+
+
+def test_an_optimizer_of_another_model_is_an_error_and_changes_nothing():
+    model, other = torchvision.models.resnet18(), torchvision.models.resnet18()
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"the optimizer given holds none of the model's parameters \(62 parameters in "
+                                         r"1 param group, none of them the model's\), so the SE blocks would train in "
+                                         r"another model's optimizer"):
+        apply_squeeze_excite(model, 16, 256, optimizers=optimizer)
+    assert_unchanged(model, before)
+    assert len(optimizer.param_groups[0]['params']) == 62
+
+
+def test_a_latent_width_above_a_blocks_channels_warns_once_with_how_many():
+    model = torchvision.models.resnet18()
+    with pytest.warns(UserWarning, match=r'latent_channels=300 is more than the channels of 15 of the 20 blocks \('
+                                         r'for example conv1: 300 hidden units for 64 channels\)') as caught:
+        apply_squeeze_excite(model, 300, 1)
+    assert len([w for w in caught if 'latent_channels=300' in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        apply_squeeze_excite(torchvision.models.resnet18(), 1 / 16, 1)  # a fraction never does
+
+
 # --- selection by name ----------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import composer.algorithms
 import pytest
 from composer.algorithms.warnings import NoEffectWarning
@@ -152,6 +154,26 @@ def test_a_folded_batchnorm_replaced_before_fit_is_an_error():
     network[1] = torch.nn.BatchNorm2d(16)  # as a later surgery might
     with pytest.raises(RuntimeError, match=r'BatchNorms that apply the SE blocks of module\.0 were replaced'):
         trainer.fit()
+
+
+def test_a_conv_and_batch_norm_fused_by_hand_is_caught_at_eval_and_fuse_for_inference_is_not():
+    from torch.nn.utils import fuse_conv_bn_eval
+
+    from composer_se import fuse_for_inference
+    x, y = learnable_data(n=64, seed=1)
+    trainer = make_trainer([SqueezeExcite(**HPARAMS)], max_duration='1ba',
+                           eval_dataloader=DataLoader(TensorDataset(x, y), batch_size=32))
+    trainer.fit()
+    network = trainer.state.model.module
+    fused = copy.deepcopy(network).eval()
+    fused[0], fused[1] = fuse_conv_bn_eval(fused[0], fused[1]), torch.nn.Identity()  # drops the folded SE block
+    trainer.state.model.module = fused
+    with pytest.raises(RuntimeError, match=r'SE blocks of module\.0 were replaced .* composer_se\.fuse_for_inference'):
+        trainer.eval()
+    kept = copy.deepcopy(network).eval()
+    assert fuse_for_inference(kept).num_fused == 1
+    trainer.state.model.module = kept
+    trainer.eval()
 
 
 def float64_resnet20_run(fold_batchnorm: bool) -> tuple[dict[str, torch.Tensor], float, int]:

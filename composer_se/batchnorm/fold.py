@@ -14,10 +14,10 @@ from torch import nn
 from composer_se.batchnorm.modules import FoldedSqueezeExciteBatchNorm2d
 from composer_se.layers import SqueezeExciteConv2d
 
-__all__ = ['broken_folds', 'can_fold', 'fold_into_batch_norm_', 'folded_type']
+__all__ = ['broken_folds', 'can_fold', 'fold_into_batch_norm_', 'folded_type', 'timm_batch_norm_act']
 
 
-def _timm_batch_norm_act() -> Optional[type]:
+def timm_batch_norm_act() -> Optional[type]:
     """timm's ``BatchNormAct2d`` if timm has been imported (this never imports timm), else ``None``."""
     norm_act = sys.modules.get('timm.layers.norm_act')
     return getattr(norm_act, 'BatchNormAct2d', None)
@@ -34,7 +34,7 @@ def folded_type(norm: nn.Module) -> Optional[type]:
     """
     if type(norm) is nn.BatchNorm2d:
         return FoldedSqueezeExciteBatchNorm2d
-    batch_norm_act = _timm_batch_norm_act()
+    batch_norm_act = timm_batch_norm_act()
     if batch_norm_act is not None and type(norm) is batch_norm_act:
         from composer_se.batchnorm.norm_act import FoldedSqueezeExciteBatchNormAct2d
         return FoldedSqueezeExciteBatchNormAct2d

@@ -25,7 +25,8 @@ import torch
 
 from composer_se.batchnorm import torch_passes
 
-__all__ = ['compiles_triton', 'runs_triton', 'se_batch_norm', 'se_batch_norm_eval', 'triton_takes_cpu_tensors']
+__all__ = ['compiles_triton', 'plain_se_batch_norm', 'runs_triton', 'se_batch_norm', 'se_batch_norm_eval',
+           'triton_takes_cpu_tensors']
 
 Tensor = torch.Tensor
 
@@ -210,6 +211,8 @@ def se_batch_norm(u: Tensor, se: torch.nn.Module, norm: torch.nn.BatchNorm2d, se
     weight, bias = _affine(norm)
     if se_first and weight is None:
         raise ValueError('SE then BatchNorm needs a BatchNorm with affine parameters (affine=True)')
+    if u.numel() == 0:  # an empty batch: what the plain modules do (an empty output, the statistics as they were)
+        return plain_se_batch_norm(u, se, norm, se_first, True, momentum, running_mean, running_var)
     w1, b1, w2, b2, gate_scale = gate_tensors(se)
     if torch.compiler.is_compiling():  # the same kernels, as an operator the compiler sees into
         from composer_se.batchnorm import compiled
@@ -223,6 +226,8 @@ def se_batch_norm_eval(u: Tensor, se: torch.nn.Module, norm: torch.nn.BatchNorm2
                        running_mean: Tensor, running_var: Tensor) -> Tensor:
     """As :func:`se_batch_norm`, for ``norm`` normalising with ``running_mean`` and ``running_var``, where no gradient
     is asked for: one read of ``u`` for its squeeze, then one affine pass."""
+    if u.numel() == 0:
+        return plain_se_batch_norm(u, se, norm, se_first, False, 0.0, running_mean, running_var)
     w1, b1, w2, b2, gate_scale = gate_tensors(se)
     weight, bias = _affine(norm)
     if not runs_triton(u):
@@ -234,3 +239,15 @@ def se_batch_norm_eval(u: Tensor, se: torch.nn.Module, norm: torch.nn.BatchNorm2
         passes, launch = _launcher(key, u, (u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var))
         return passes.infer(launch, se_first, u, w1, b1, w2, b2, gate_scale, weight, bias, running_mean, running_var,
                             norm.eps)
+
+
+def plain_se_batch_norm(u: Tensor, se: torch.nn.Module, norm: torch.nn.BatchNorm2d, se_first: bool,
+                        use_batch_stats: bool, momentum: float, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor]) -> Tensor:
+    """The block and ``F.batch_norm`` in plain operations, in ``se_first``'s order: what the fused passes compute, in
+    a form the compiler fuses, autograd differentiates and every tool traces; and what an empty batch gets."""
+    if se_first:
+        u = se(u)
+    out = torch.nn.functional.batch_norm(u, running_mean, running_var, norm.weight, norm.bias, use_batch_stats,
+                                         momentum, norm.eps)
+    return out if se_first else se(out)

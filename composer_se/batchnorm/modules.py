@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_se.batchnorm.function import compiles_triton, se_batch_norm, se_batch_norm_eval
+from composer_se.batchnorm.function import compiles_triton, plain_se_batch_norm, se_batch_norm, se_batch_norm_eval
 from composer_se.layers.block import SqueezeExcite2d, convert_
 
-__all__ = ['FoldedSqueezeExciteBatchNorm2d', 'SqueezeExciteBatchNorm2d', 'SqueezeExciteNorm']
+__all__ = ['FoldedSqueezeExciteBatchNorm2d', 'SqueezeExciteBatchNorm2d', 'SqueezeExciteNorm', 'normalise']
 
 
 class SqueezeExciteNorm(nn.BatchNorm2d):
@@ -33,8 +33,10 @@ class SqueezeExciteNorm(nn.BatchNorm2d):
     (CUDA), training is the operator of :mod:`~composer_se.batchnorm.compiled`, whose
     kernels the compiler sees; everywhere else under the compiler (CPU; eval), and in
     eval where a gradient is asked for, it is the block and ``F.batch_norm`` written
-    plainly (:meth:`_plain`). The normalisation follows ``BatchNorm2d`` exactly (training
-    and eval, ``momentum=None``, ``track_running_stats``).
+    plainly (:meth:`_plain`); so it is while the block has forward hooks, so that they see
+    it run, and for an empty batch. Under ``torch.fx`` the block is a call of its module
+    and the normalisation one call of :func:`normalise`. The normalisation follows
+    ``BatchNorm2d`` exactly (training and eval, ``momentum=None``, ``track_running_stats``).
     """
 
     #: SE then BatchNorm (``True``) or BatchNorm then SE.
@@ -69,8 +71,12 @@ class SqueezeExciteNorm(nn.BatchNorm2d):
     @torch.jit.unused
     def _se_batch_norm(self, input: torch.Tensor, se: SqueezeExcite2d) -> torch.Tensor:
         """The block ``se`` and the normalisation, in this module's order, in one pass where it can be."""
+        if isinstance(input, torch.fx.Proxy):
+            return self._traced(input, se)
         self._check_input_dim(input)
         momentum, use_batch_stats, running_mean, running_var = self._batch_norm_arguments()
+        if se._forward_hooks or se._forward_pre_hooks:  # the block runs as a module, so that its hooks see it
+            return self._plain(input, se, momentum, use_batch_stats, running_mean, running_var)
         compiling = torch.compiler.is_compiling()
         if use_batch_stats:
             if compiling and not compiles_triton(input):
@@ -80,14 +86,31 @@ class SqueezeExciteNorm(nn.BatchNorm2d):
             return self._plain(input, se, momentum, False, running_mean, running_var)
         return se_batch_norm_eval(input, se, self, self.se_first, running_mean, running_var)
 
+    @torch.jit.unused
+    def _traced(self, input: torch.fx.Proxy, se: SqueezeExcite2d) -> torch.fx.Proxy:
+        """What ``torch.fx`` records: the block as a call of its own module (so that a feature tap on ``conv.se``
+        returns what SE gives), and the normalisation as one call, :func:`normalise`, of this module, which it reads
+        when the traced graph runs (training or eval, ``momentum=None``), as a leaf ``BatchNorm2d`` would be."""
+        tracer = input.tracer
+        norm = tracer.create_proxy('get_attr', tracer.path_of_module(self), (), {})
+        if self.se_first:
+            input = se(input)
+        out = normalise(norm, input)
+        return out if self.se_first else se(out)
+
     def _plain(self, input: torch.Tensor, se: SqueezeExcite2d, momentum: float, use_batch_stats: bool,
                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor]) -> torch.Tensor:
         """The block and ``F.batch_norm`` in plain operations, which the compiler fuses and autograd differentiates."""
-        if self.se_first:
-            input = se(input)
-        out = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-                           self.eps)
-        return out if self.se_first else se(out)
+        return plain_se_batch_norm(input, se, self, self.se_first, use_batch_stats, momentum, running_mean,
+                                   running_var)
+
+
+def normalise(norm: SqueezeExciteNorm, input: torch.Tensor) -> torch.Tensor:
+    """``norm``'s normalisation alone, exactly ``BatchNorm2d.forward``: one call in a ``torch.fx`` graph."""
+    return norm._normalise(input)
+
+
+torch.fx.wrap('normalise')
 
 
 def _any_requires_grad(se: nn.Module, norm: nn.Module) -> bool:

@@ -77,17 +77,48 @@ def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Op
     return OPTIMIZERS[config.name](params, **kwargs)
 
 
+class _BatchAhead:
+    """A training state seen one batch later: what a scheduler reads (the timestamp) moved on, the rest as it is."""
+
+    def __init__(self, state):
+        self._state = state
+        self.timestamp = state.timestamp.to_next_batch()
+
+    def __getattr__(self, name: str):
+        return getattr(self._state, name)
+
+
+class NoZeroWarmup:
+    """A Composer scheduler whose learning rate is never exactly zero at the start of its warm-up.
+
+    Composer's warm-ups start at zero, and the first two batches of a run both get the
+    multiplier of batch 0 (it is evaluated again at the end of that batch), so a run of
+    two batches trains nothing. Where ``scheduler`` gives 0, this gives the value of the
+    next batch instead: the warm-up starts one step in; everything else is unchanged.
+    """
+
+    def __init__(self, scheduler: ComposerScheduler):
+        self.scheduler = scheduler
+
+    def __call__(self, state, ssr: float = 1.0) -> float:
+        multiplier = self.scheduler(state, ssr)
+        return multiplier if multiplier != 0 else self.scheduler(_BatchAhead(state), ssr)
+
+
 def build_scheduler(config: SchedulerConfig) -> ComposerScheduler:
+    """The recipe's scheduler; those with a warm-up never start at a learning rate of zero (:class:`NoZeroWarmup`)."""
     if config.name == 'constant':
         return ConstantScheduler()
     if config.name == 'multistep_with_warmup':
-        return MultiStepWithWarmupScheduler(t_warmup=config.t_warmup, milestones=list(config.milestones),
-                                            gamma=config.gamma)
-    if config.name == 'cosine_decay_with_warmup':
-        return CosineAnnealingWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
-    if config.name == 'linear_decay_with_warmup':
-        return LinearWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
-    raise _choice_error('scheduler.name', config.name, SCHEDULERS)
+        scheduler = MultiStepWithWarmupScheduler(t_warmup=config.t_warmup, milestones=list(config.milestones),
+                                                 gamma=config.gamma)
+    elif config.name == 'cosine_decay_with_warmup':
+        scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+    elif config.name == 'linear_decay_with_warmup':
+        scheduler = LinearWithWarmupScheduler(t_warmup=config.t_warmup, alpha_f=config.alpha_f)
+    else:
+        raise _choice_error('scheduler.name', config.name, SCHEDULERS)
+    return NoZeroWarmup(scheduler)
 
 
 def build_algorithms(config: dict[str, Optional[dict[str, Any]]]) -> list[Algorithm]:

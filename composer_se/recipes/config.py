@@ -368,7 +368,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> list[tuple[DictConfig, str
     if base is not None:
         if not isinstance(base, str):
             raise RecipeError(f"{path}: 'base' must be a path to another recipe, got {base!r}")
-        chain = _read_yaml((path.parent / base).resolve(), seen + (path,))
+        tried = (path.parent / base).resolve()
+        if not tried.is_file():
+            raise RecipeError(
+                f"{path}: base: {base!r} does not resolve to a recipe file: tried {tried} ('base' is relative to the "
+                f"folder of the recipe that names it, {path.parent})",
+            )
+        chain = _read_yaml(tried, seen + (path,))
         raw.pop('base')
     return chain + [(raw, str(path))]
 

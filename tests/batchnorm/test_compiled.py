@@ -186,3 +186,17 @@ def test_on_cpu_the_compiler_gets_plain_operations():
     calls = graph_calls(graphs['forward'])
     assert 'aten.native_batch_norm.default' in calls or 'aten._native_batch_norm_legit_functional.default' in calls
     assert not [call for call in calls if call.endswith('_kernel') or 'composer_se' in call]
+
+
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+def test_a_compiled_se_model_takes_an_empty_batch(stand_in, placement):
+    """An empty batch, compiled for training: what eager gives (an empty output, the statistics kept), no kernel."""
+    model, _ = se_basic_blocks(placement)
+    eager = copy.deepcopy(model)
+    empty = torch.randn(0, 8, 6, 5)
+    out, graphs = compiled_graphs(model, empty)
+    out.sum().backward()
+    assert out.shape == eager(empty).shape == empty.shape
+    assert not [call for call in graph_calls(graphs['forward']) if call.endswith('_kernel')]
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        assert torch.equal(b, c), name

@@ -243,3 +243,25 @@ def test_an_se_model_through_the_kernels_matches_float64(placement, layout):
         assert relative_error(p.grad, q.grad) < 1e-4, name
     with torch.no_grad():  # and without: the kernels
         assert relative_error(model(x), plain(x.double())) < 1e-5
+
+
+@in_the_interpreter
+@pytest.mark.parametrize('placement', ['conv', 'block'])
+def test_an_empty_batch_gets_what_plain_batch_norm_gives(placement):
+    """No images (the last shard of an evaluation): where the kernels would run, an empty output, in training and
+    eval, with a backward pass, and statistics that plain BatchNorms leave as they are (they count the batch)."""
+    from composer_se.batchnorm import runs_triton
+    from tests.helpers import se_basic_blocks
+    model, _ = se_basic_blocks(placement)
+    empty = torch.randn(0, 8, 6, 5)
+    assert runs_triton(empty)
+    before = copy.deepcopy(model.state_dict())
+    out = model(empty)
+    out.sum().backward()
+    assert out.shape == empty.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    for key, value in model.state_dict().items():
+        expected = before[key] + 1 if key.endswith('num_batches_tracked') else before[key]
+        assert torch.equal(value, expected), key
+    with torch.no_grad():
+        assert model.eval()(empty).shape == empty.shape

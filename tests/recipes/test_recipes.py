@@ -186,6 +186,15 @@ def test_key_interpolation_and_base_chains_work(tmp_path):
     assert config.run_name == 'demo-resnet20' and config.algorithms['squeeze_excite']['min_channels'] == 64
 
 
+def test_a_base_that_does_not_resolve_names_base_and_the_path_tried(tmp_path, capsys):
+    (tmp_path / 'recipes').mkdir()
+    recipe = tmp_path / 'recipes' / 'child.yaml'
+    recipe.write_text('base: fast.yaml\nmax_duration: 1ep\n')
+    assert main([str(recipe)]) == 2
+    assert (f"{recipe}: base: 'fast.yaml' does not resolve to a recipe file: tried {tmp_path}/recipes/fast.yaml ('base' "
+            f"is relative to the folder of the recipe that names it, {tmp_path}/recipes)") in capsys.readouterr().err
+
+
 # --- data sources, algorithms, loggers --------------------------------------------------------------------------
 
 
@@ -244,10 +253,24 @@ def test_nesterov_momentum_and_the_linear_decay_schedule(tmp_path, monkeypatch):
     trainer.state.callbacks.append(rates)
     trainer.fit()
     assert trainer.state.optimizers[0].param_groups[0]['nesterov'] is True
-    # Up from 0 to the peak over 2 of the 8 batches, then down towards 0 at batch 8; Composer steps the
-    # schedule after each batch, so batch t + 1 trains with the factor of time t.
+    # Up to the peak over 2 of the 8 batches, then down towards 0 at batch 8; Composer steps the schedule after
+    # each batch, so batch t + 1 trains with the factor of time t, and batch 0 with that of time 0. Where the
+    # warm-up would give 0 (time 0), the recipe's scheduler gives the factor of time 1.
     factor = [t / 2 if t < 2 else 1 - (t - 2) / 6 for t in range(8)]
-    assert rates.seen == pytest.approx([0.0] + [0.1 * f for f in factor[:7]])
+    factor[0] = factor[1]
+    assert rates.seen == pytest.approx([0.1 * factor[0]] + [0.1 * f for f in factor[:7]])
+
+
+def test_a_smoke_run_of_the_demo_moves_every_weight(tmp_path, monkeypatch):
+    """A run of two batches trains every parameter: no warm-up starts at a learning rate of exactly zero. (After
+    one batch the residual branches have not moved: the demo starts them at zero, which stops their gradients.)"""
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(load_recipe(DEMO, [*SHRINK, 'model.name=resnet20', 'max_duration=2ba',
+                                               'scheduler.t_warmup=1ep']))
+    before = {name: p.detach().clone() for name, p in trainer.state.model.named_parameters()}
+    trainer.fit()
+    still = [name for name, p in trainer.state.model.named_parameters() if torch.equal(p, before[name])]
+    assert still == []
 
 
 def test_every_registered_algorithm_builds():

@@ -120,6 +120,8 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused(reference, tmp_path):
 
 # --- 2. checkpoint mismatches -------------------------------------------------------------------------------------
 
+#: The first difference between the tiny run's ResNet-20 checkpoint and a ResNet-32: a layer of its own, not SE.
+DEEPER = 'at layer module.layer1.3.conv1, module.layer1.3.conv1.weight (16, 16, 3, 3) is missing from the checkpoint'
 
 @pytest.mark.parametrize('overrides, message', [
     pytest.param(['algorithms.squeeze_excite.latent_channels=32'],
@@ -136,6 +138,9 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused(reference, tmp_path):
      'at layer module.layer3.0.conv1, the checkpoint has an SE block there (module.layer3.0.conv1.se.fc1.weight '
      '(64, 64)) and the model has none (35 entries differ). The checkpoint was saved with SqueezeExcite('
      'latent_channels=64, min_channels=64', id='without-the-algorithm'),
+    pytest.param(['model.name=resnet32'], DEEPER, id='other-depth'),
+    pytest.param(['model.name=resnet32', 'algorithms.squeeze_excite=null'], DEEPER,
+                 id='other-depth-without-the-algorithm'),
     pytest.param(['model.num_classes=5'],
                  'at layer module.fc, module.fc.weight is (10, 64) in the checkpoint and (5, 64) in the model',
                  id='other-num_classes'),
@@ -150,6 +155,10 @@ def test_a_checkpoint_for_another_model_is_refused_before_anything_is_loaded(ove
     assert not save.exists() or not os.listdir(save)  # nothing written
     if overrides == ['algorithms.squeeze_excite=null']:
         assert 'add algorithms.squeeze_excite with the arguments of SqueezeExcite(' in line
+    if 'model.name=resnet32' in overrides:  # another architecture: SE is not blamed
+        assert ('The checkpoint was saved from a different model; use the model settings (model.name, '
+                'model.num_classes) of the run that saved it') in line
+        assert 'SqueezeExcite(' not in line
 
 
 def test_a_plain_checkpoint_is_refused_as_load_path_and_starts_se_as_model_weights(plain_checkpoint, tmp_path):
