@@ -26,6 +26,7 @@ import sys
 
 __all__ = [
     'AddedBlock',
+    'GateMonitor',
     'SqueezeExcite',
     'SqueezeExcite2d',
     'SqueezeExciteBatchNorm2d',
@@ -33,7 +34,9 @@ __all__ = [
     'SqueezeExciteReport',
     'SqueezeExciteSettings',
     'apply_squeeze_excite',
+    'fold_static_gates',
     'fuse_for_inference',
+    'gate_statistics',
     'register_attention_module',
     'register_residual_block',
 ]
@@ -43,6 +46,7 @@ __version__ = '0.1.0'
 #: public name -> the module that defines it
 _HOMES = {
     'AddedBlock': 'composer_se.surgery',
+    'GateMonitor': 'composer_se.callbacks',
     'SqueezeExcite': 'composer_se.algorithm',
     'SqueezeExcite2d': 'composer_se.layers',
     'SqueezeExciteBatchNorm2d': 'composer_se.batchnorm',
@@ -50,7 +54,9 @@ _HOMES = {
     'SqueezeExciteReport': 'composer_se.surgery',
     'SqueezeExciteSettings': 'composer_se.settings',
     'apply_squeeze_excite': 'composer_se.surgery',
+    'fold_static_gates': 'composer_se.inference',
     'fuse_for_inference': 'composer_se.inference',
+    'gate_statistics': 'composer_se.gates',
     'register_attention_module': 'composer_se.placement',
     'register_residual_block': 'composer_se.placement',
 }

@@ -1,4 +1,5 @@
-"""The benchmark scripts still run: overhead.py's memory column, fusion.py, fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
+"""The benchmark scripts still run: overhead.py's memory column, fusion.py, static_gates.py,
+fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
 
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def test_fusion_script_fuses_every_pair_and_times_the_four_variants(tmp_path):
     assert row['fused_vs_unfused_max_relative_difference'] < 1e-4
     assert set(row['seconds']) == {'none', 'none, fused', 'SE', 'SE, fused'}
     assert all(0 < t < float('inf') for t in row['seconds'].values())
+
+
+def test_static_gates_script_folds_at_each_tolerance_and_reports_accuracy_and_time(tmp_path):
+    from tests.recipes.helpers import write_image_tree
+    images = write_image_tree(tmp_path / 'images', per_class=6, size=32)
+    out = tmp_path / 'static.json'
+    result = subprocess.run([
+        sys.executable, str(ROOT / 'benchmarks' / 'static_gates.py'),
+        str(ROOT / 'yamls' / 'resnet56_cifar10_fast.yaml'),
+        f'data.root={images}', 'model.name=resnet20', 'model.num_classes=2', '--tolerances', '0', '1',
+        '--calibration-batches', '2', '--batch-size', '4', '--time-batch', '2', '--rounds', '1', '--json', str(out)
+    ], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report['blocks']) == 7 and report['calibration_images'] == 8 and report['eval_images'] == 12
+    none, every = report['folding']
+    assert none['blocks_folded'] == 0 and none['top1'] == report['top1_unfolded'] and none['params_removed'] == 0
+    assert every['blocks_folded'] == 7 and every['params_removed'] == 7 * (2 * 64 * 64 + 64 + 64)  # a gate is in (0, 1)
+    assert every['eval_time_ratio'] > 0
 
 
 def test_fold_parity_script_compares_rounding_and_outcomes():

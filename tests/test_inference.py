@@ -13,12 +13,8 @@ from composer_se import apply_squeeze_excite, fuse_for_inference
 from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d, broken_folds
 from composer_se.inference import ChannelBias, fuse
 from composer_se.layers import SqueezeExcite2d
-from tests.zoo import (SE_MODELS, SeModel, close, folded_resnet18, one_thread,  # noqa: F401 - one_thread: autouse
-                       trained_looking)
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
+from tests.zoo import (SE_MODELS, SeModel, close, first_output, folded_resnet18,  # noqa: F401 - one_thread
+                       one_thread, trained_looking)
 
 
 @pytest.mark.parametrize('case', SE_MODELS, ids=str)
@@ -27,10 +23,10 @@ def test_fusion_keeps_the_eval_output_and_every_block(case: SeModel):
     model = trained_looking(model).eval()
     x = torch.randn(2, 3, case.size, case.size, dtype=torch.float64)
     with torch.no_grad():
-        expected = _first(model(x))
+        expected = first_output(model(x))
     report = fuse_for_inference(model)
     with torch.no_grad():
-        close(_first(model(x)), expected, 'fused eval output')
+        close(first_output(model(x)), expected, 'fused eval output')
     assert report.untraced is None and report.unfused == ()
     between = {fused.conv for fused in report.fused if fused.se == 'between'}
     after = {fused.norm for fused in report.fused if fused.se == 'after'}

@@ -93,6 +93,12 @@ ZOO = [
 ]
 
 
+def first_output(out):
+    """A model's output, or the first of the outputs it returns (a timm or torchvision model in training may return
+    several)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Equal up to float64 rounding, magnified by BatchNorms over few values (1x1 maps at the end of a network).
 

@@ -8,7 +8,7 @@ SE and the normalisation as one affine map per (n, c).
 - :mod:`~composer_se.batchnorm.modules`: the two BatchNorms, one ``forward`` each, over a
   shared base; :mod:`~composer_se.batchnorm.norm_act`, timm's ``BatchNormAct2d`` folded;
 - :mod:`~composer_se.batchnorm.fold` and :mod:`~composer_se.batchnorm.graph`: folding a
-  conv's block into its BatchNorm, and which convs feed a BatchNorm alone (the fx trace);
+  conv's block into its BatchNorm (and back), and which convs feed a BatchNorm alone (the fx trace);
 - :mod:`~composer_se.batchnorm.function`: what the modules call, in training (an
   autograd function in eager mode) and in eval;
 - :mod:`~composer_se.batchnorm.torch_passes`: the arithmetic (its derivation is that
@@ -25,7 +25,7 @@ It imports only ``torch``: Triton when a CUDA tensor first arrives (or a Triton 
 that takes CPU tensors is active), timm when a timm norm is folded.
 """
 
-from composer_se.batchnorm.fold import broken_folds, can_fold, fold_into_batch_norm_, folded_type
+from composer_se.batchnorm.fold import broken_folds, can_fold, fold_into_batch_norm_, folded_type, unfold_batch_norm_
 from composer_se.batchnorm.function import runs_triton, se_batch_norm, se_batch_norm_eval
 from composer_se.batchnorm.graph import batch_norm_consumers, fold_targets
 from composer_se.batchnorm.modules import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, SqueezeExciteNorm
@@ -43,4 +43,5 @@ __all__ = [
     'runs_triton',
     'se_batch_norm',
     'se_batch_norm_eval',
+    'unfold_batch_norm_',
 ]

@@ -14,7 +14,9 @@ from torch import nn
 from composer_se.batchnorm.modules import FoldedSqueezeExciteBatchNorm2d
 from composer_se.layers import SqueezeExciteConv2d
 
-__all__ = ['broken_folds', 'can_fold', 'fold_into_batch_norm_', 'folded_type', 'timm_batch_norm_act']
+__all__ = [
+    'broken_folds', 'can_fold', 'fold_into_batch_norm_', 'folded_type', 'timm_batch_norm_act', 'unfold_batch_norm_'
+]
 
 
 def timm_batch_norm_act() -> Optional[type]:
@@ -66,6 +68,19 @@ def fold_into_batch_norm_(conv: SqueezeExciteConv2d, norm: nn.BatchNorm2d) -> Fo
     norm.__class__ = folded_type(norm)
     object.__setattr__(norm, '_folded_se', conv.se)  # a reference, not a submodule: the block stays conv.se
     conv.folded_into_norm = True
+    return norm
+
+
+def unfold_batch_norm_(conv: SqueezeExciteConv2d, norm: FoldedSqueezeExciteBatchNorm2d) -> nn.BatchNorm2d:
+    """Undoes :func:`fold_into_batch_norm_`, in place: ``conv`` applies its block again and ``norm`` is again the
+    ``BatchNorm2d`` (or timm ``BatchNormAct2d``) it was, the same object; returns ``norm``."""
+    if not isinstance(norm, FoldedSqueezeExciteBatchNorm2d) or norm._folded_se is not getattr(conv, 'se', None):
+        raise TypeError(f'unfold_batch_norm_ needs a BatchNorm holding the folded block of {conv!r}, got {norm!r}')
+    batch_norm_act = timm_batch_norm_act()
+    norm.__class__ = batch_norm_act if batch_norm_act is not None and isinstance(norm, batch_norm_act) else (
+        nn.BatchNorm2d)
+    del norm.__dict__['_folded_se']
+    conv.folded_into_norm = False
     return norm
 
 

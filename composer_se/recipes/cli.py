@@ -1,4 +1,5 @@
-"""The ``composer-se`` command: ``composer-se plan MODEL ...`` shows where SE goes and what it costs."""
+"""The ``composer-se`` command: ``composer-se plan MODEL ...`` shows where SE goes and what it costs;
+``composer-se gates RECIPE ...`` draws what each block's gate does on the recipe's data."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 from composer_se.plan import FORMATS, format_plan, plan_squeeze_excite
 from composer_se.recipes.config import ModelConfig, RecipeError, load_recipe
 from composer_se.settings import DEFAULTS, PLACEMENTS, SqueezeExciteSettings
+from composer_se.state_dicts import CheckpointError
 
 __all__ = ['main']
 
@@ -57,7 +59,37 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument('--dtype', choices=sorted(DTYPE_BYTES), default='float32', help='activation type for the '
                       'traffic bytes (default float32)')
     plan.add_argument('--format', choices=FORMATS, default='table', help='output format (default table)')
+    gates = commands.add_parser(
+        'gates',
+        help="draw each SE block's gate on the recipe's data (the SENet paper's excitation figure)",
+        description="Measure each SE block of RECIPE's model (CHECKPOINT's weights, else as initialised) on a "
+        'shuffled sample of its evaluation split, print a table of every block (input dependence: the standard '
+        'deviation of its gate over images, averaged over channels), and draw the mean gate per channel and class '
+        'at chosen blocks, with a bar per block of input dependence.',
+    )
+    gates.add_argument('recipe', help='a recipe YAML file with algorithms.squeeze_excite')
+    gates.add_argument('overrides', nargs='*', metavar='KEY=VALUE', help='recipe overrides, as for training (e.g. '
+                       'data.source=imagefolder data.root=/data/cifar10)')
+    gates.add_argument('--checkpoint', help='a Composer checkpoint of a run of RECIPE')
+    gates.add_argument('--out', default='gates.png', help='the figure (.png, .pdf or .svg; default gates.png)')
+    gates.add_argument('--blocks', nargs='+', metavar='PATTERN', help='blocks to draw (fnmatch patterns on names such '
+                       'as layer3.8.conv2.se); default: four spread from the first to the last')
+    gates.add_argument('--max-batches', type=int, default=8, help='batches to measure (default 8)')
+    gates.add_argument('--batch-size', type=int, default=256, help='images per batch (default 256)')
     return parser
+
+
+def _gates(args: argparse.Namespace) -> str:
+    from composer_se.recipes.gates_figure import choose_blocks, draw, format_table, measure_recipe
+    for flag in ('max_batches', 'batch_size'):
+        if getattr(args, flag) < 1:
+            raise ValueError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(args, flag)}')
+    statistics, classes = measure_recipe(args.recipe, args.overrides, args.checkpoint, args.max_batches,
+                                         args.batch_size)
+    blocks = choose_blocks(list(statistics), args.blocks)
+    draw(statistics, blocks, classes, args.out)
+    samples = next(iter(statistics.values())).samples
+    return f'{format_table(statistics)}\n\n{samples} images; figure ({", ".join(blocks)}): {args.out}'
 
 
 def _plan(args: argparse.Namespace) -> str:
@@ -89,8 +121,8 @@ def _plan(args: argparse.Namespace) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        print(_plan(args))
-    except (RecipeError, ValueError, TypeError) as error:
+        print(_gates(args) if args.command == 'gates' else _plan(args))
+    except (RecipeError, CheckpointError, ValueError, TypeError) as error:
         print(f'composer-se {args.command}: error: {error}', file=sys.stderr)
         return 2
     return 0
