@@ -27,10 +27,11 @@ class GateMonitor(Callback):
     ``near_one``), so TensorBoard draws one curve per block. ``label`` is ``train``,
     or the evaluator's label (``eval``, ...).
 
-    The measurement is a forward pass of its own, in eval mode without gradients,
-    through the model's own (uncompiled) ``forward``, with hooks on the blocks that
-    exist only during that pass: a step that does not log runs exactly as without the
-    callback.
+    The measurement is a forward pass of its own, in eval mode without gradients, under
+    the run's precision, through the model's own (uncompiled) ``forward``, of the batch
+    as the model saw it (on the device, after Composer's transforms; with microbatches,
+    each evaluation microbatch and the last training one), with hooks on the blocks that
+    exist only during that pass: a step that does not log runs as without the callback.
 
     Args:
         interval (int | str, optional): every this many training batches (``100`` or
@@ -52,36 +53,44 @@ class GateMonitor(Callback):
         self.near = near
         self._eval_recorder: Optional[GateRecorder] = None
         self._measured = 0
+        self._trained_on = None  #: the batch of the last training forward, as the model saw it
 
     def fit_start(self, state: State, logger: Logger) -> None:
         GateRecorder(_composer_model(state.model), self.near)  # a model without SE blocks is an error now, not later
 
-    def _measure(self, state: State, recorder: GateRecorder) -> None:
-        """One forward pass of the current batch that ``recorder`` tallies; the model as it was afterwards."""
+    def _measure(self, state: State, recorder: GateRecorder, batch) -> None:
+        """One forward pass of ``batch`` that ``recorder`` tallies; the model as it was afterwards."""
         model = _composer_model(state.model)
-        with recorder.recording(), evaluating(model), get_precision_context(state.precision):
-            type(model).forward(model, state.batch)  # the class's forward: not the compiled one Composer may set
+        with recorder.recording(), evaluating(model), get_precision_context(state.precision, state.precision_config):
+            type(model).forward(model, batch)  # the class's forward: not the compiled one Composer may set
 
     @staticmethod
     def _log(logger: Logger, label: str, recorder: GateRecorder) -> None:
         logger.log_metrics({f'se_gates/{label}/{name}/{key}': value for name, stats in recorder.statistics().items()
                             for key, value in stats.summary().items()})
 
+    def after_forward(self, state: State, logger: Logger) -> None:
+        if self.interval is not None:
+            self._trained_on = state.batch  # on the device and transformed; by BATCH_END Composer restores the raw one
+
     def batch_end(self, state: State, logger: Logger) -> None:
-        if self.interval is None or int(state.timestamp.batch) % self.interval:
+        batch, self._trained_on = self._trained_on, None
+        if self.interval is None or int(state.timestamp.batch) % self.interval or batch is None:
             return
         recorder = GateRecorder(_composer_model(state.model), self.near)
-        self._measure(state, recorder)
+        self._measure(state, recorder, batch)
         self._log(logger, 'train', recorder)
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._measured = 0
         self._eval_recorder = GateRecorder(_composer_model(state.model), self.near) if self.eval_batches else None
 
-    def eval_batch_end(self, state: State, logger: Logger) -> None:
+    def eval_after_forward(self, state: State, logger: Logger) -> None:
         if self._eval_recorder is not None and self._measured < self.eval_batches:
-            self._measure(state, self._eval_recorder)
-            self._measured += 1
+            self._measure(state, self._eval_recorder, state.batch)  # each microbatch, on the device
+
+    def eval_batch_end(self, state: State, logger: Logger) -> None:
+        self._measured += 1
 
     def eval_end(self, state: State, logger: Logger) -> None:
         if self._eval_recorder is not None and self._measured:

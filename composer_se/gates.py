@@ -16,6 +16,7 @@ It imports only ``torch``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -82,6 +83,8 @@ class _Tally:
         self.class_counts: Optional[torch.Tensor] = None
 
     def add(self, input: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        if input.shape[0] == 0:  # an empty batch: nothing to count
+            return
         gate = gate_of(self.block, input).double()
         if self.total is None:  # sums of the departures from the first sample: no cancellation, 0 for a fixed gate
             self.first = gate[0].clone()
@@ -98,7 +101,7 @@ class _Tally:
         self.near_zero = self.near_zero + (gate <= self.near * scale).sum()
         self.near_one = self.near_one + (gate >= (1 - self.near) * scale).sum()
         if labels is not None:
-            self._add_classes(gate, labels.to(gate.device))
+            self._add_classes(gate, labels.to(device=gate.device, dtype=torch.long))
 
     def _add_classes(self, gate: torch.Tensor, labels: torch.Tensor) -> None:
         classes = int(labels.max()) + 1
@@ -187,7 +190,7 @@ def split_batch(batch: Any) -> tuple[Any, Optional[torch.Tensor]]:
     if isinstance(batch, (tuple, list)) and batch:
         labels = batch[1] if len(batch) > 1 else None
         if not (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
-                and not labels.is_complex()):
+                and not labels.is_complex() and labels.dtype != torch.bool):
             labels = None
         return batch[0], labels
     raise TypeError(f'a batch must be a tensor of inputs or a tuple or list (inputs, labels, ...), got '
@@ -246,9 +249,7 @@ def gate_statistics(model: nn.Module, dataloader: Iterable, max_batches: Optiona
     device = _device_of(model)
     with recorder.recording(), evaluating(model):
         batches = 0
-        for batch in dataloader:
-            if max_batches is not None and batches >= max_batches:
-                break
+        for batch in itertools.islice(dataloader, max_batches):  # no batch read beyond max_batches
             inputs, labels = split_batch(batch)
             if device is not None and isinstance(inputs, torch.Tensor):
                 inputs = inputs.to(device)

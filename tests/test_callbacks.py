@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from composer import Callback
+from composer import Callback, Trainer
+from composer.core import DataSpec
 from composer.loggers import InMemoryLogger
+from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_se import GateMonitor, SqueezeExcite
+from composer_se.gates import _Tally
 from composer_se.layers import SqueezeExcite2d
-from tests.helpers import learnable_data, make_trainer
+from tests.helpers import learnable_data, make_trainer, small_cnn
 
 STATISTICS = ('mean', 'input_dependence', 'max_input_dependence', 'near_zero', 'near_one')
 
@@ -77,3 +80,26 @@ def test_a_model_without_se_is_an_error_at_fit_start_and_bad_arguments_are_named
         GateMonitor(eval_batches=-1)
     with pytest.raises(ValueError, match=r'near must be in \[0, 0.5\), got 0.5'):
         GateMonitor(near=0.5)
+
+
+def test_the_monitor_measures_each_batch_as_the_model_saw_it(monkeypatch):
+    """After Composer's microbatch transforms (here: a crop to 4x4), for each training microbatch's last and each
+    evaluation microbatch: not the raw 8x8 batch Composer puts back in state.batch at BATCH_END."""
+    sizes = []
+    add = _Tally.add
+    monkeypatch.setattr(_Tally, 'add', lambda self, input, labels: (sizes.append(input.shape[-1]),
+                                                                     add(self, input, labels)))
+    x, y = learnable_data(64)
+    crop = lambda batch: (batch[0][:, :, :4, :4], batch[1])  # noqa: E731
+    torch.manual_seed(0)
+    model = ComposerClassifier(small_cnn(), num_classes=4)
+    trainer = Trainer(
+        model=model, optimizers=torch.optim.SGD(model.parameters(), lr=0.05),
+        train_dataloader=DataSpec(DataLoader(TensorDataset(x, y), batch_size=32), microbatch_transforms=crop),
+        eval_dataloader=DataSpec(DataLoader(TensorDataset(x, y), batch_size=32), microbatch_transforms=crop),
+        device_train_microbatch_size=16, max_duration='2ba', eval_interval='2ba', device='cpu', progress_bar=False,
+        algorithms=[SqueezeExcite(latent_channels=4, min_channels=16)], log_to_console=False,
+        callbacks=[GateMonitor(interval=1, eval_batches=2)])
+    trainer.fit()
+    # 2 blocks: 2 training batches (each its last microbatch of 16) and 2 evaluation batches
+    assert sizes == [4] * (2 * 2 + 2 * 2)

@@ -146,11 +146,34 @@ def test_bad_input_is_refused_and_leaves_no_hook():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_statistics_read_a_model_on_its_own_device_and_dtype_in_float32_or_wider():
+def test_a_bfloat16_model_is_measured_in_float32_or_wider():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))
     apply_squeeze_excite(model, 4, 16)
-    model = model.to(torch.bfloat16)
-    x = torch.randn(4, 3, 8, 8)
-    stats = gate_statistics(model, [x.to(torch.bfloat16)])
+    x = torch.randn(16, 3, 8, 8)
+    reference = gate_statistics(model.double().eval(), [x.double()])
+    stats = gate_statistics(model.to(torch.bfloat16), [x.to(torch.bfloat16)])
     assert set(stats) == {'0.se', '3.se'} and all(s.mean.dtype == torch.float64 for s in stats.values())
+    for name, s in stats.items():  # bfloat16 convs, then the gate from their output in float32
+        torch.testing.assert_close(s.mean, reference[name].mean, rtol=0, atol=0.02)
+
+
+def test_empty_batches_count_nothing_and_no_batch_is_read_beyond_max_batches():
+    model = _single_block()
+    data = batches(8)
+    empty = (data[0][0][:0], data[0][1][:0])
+    (stats,) = gate_statistics(model, [empty, *data]).values()
+    assert stats.samples == 6
+    stream = iter(data + [('not', 'read')])
+    gate_statistics(model, stream, max_batches=2)
+    assert next(stream) == ('not', 'read')
+
+
+def test_labels_of_any_integer_type_give_class_means_and_booleans_none():
+    model = _single_block()
+    data = batches(8)
+    (reference,) = gate_statistics(model, data).values()
+    (small,) = gate_statistics(model, [(x, y.to(torch.uint8)) for x, y in data]).values()
+    torch.testing.assert_close(small.class_mean, reference.class_mean, rtol=0, atol=0, equal_nan=True)
+    (flags,) = gate_statistics(model, [(x, y > 1) for x, y in data]).values()
+    assert flags.class_mean is None

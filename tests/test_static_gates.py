@@ -117,10 +117,14 @@ def test_blocks_left_by_the_fusion_fold_too():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for net, into in ((model, {'conv'}), (paper.eval(), {'scale'})):
         fuse_for_inference(net)
+        blocks = [m for m in net.modules() if isinstance(m, SqueezeExcite2d)]
+        before = sum(p.numel() for p in net.parameters())
         with torch.no_grad():
             expected = net(x)
         report = fold_static_gates(net, batches(32), tolerance=ROUNDING)
         assert {gate.into for gate in report.folded} == into and report.kept == ()
+        assert report.params_removed == before - sum(p.numel() for p in net.parameters())  # a ChannelScale's counted
+        assert report.params_removed < sum(p.numel() for m in blocks for p in m.parameters()) or into == {'conv'}
         assert not any(isinstance(m, SqueezeExcite2d) for m in net.modules())
         with torch.no_grad():
             close(net(x), expected, f'fused, then folded into {into}')

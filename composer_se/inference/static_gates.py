@@ -13,8 +13,9 @@ nothing:
   :class:`ChannelScale` in its place.
 
 The block's module is then gone from the model, and with it the squeeze, the MLP and,
-in the first two cases, the scaling pass. On the inputs measured, every output of the
-block moves by at most ``tolerance`` times its input.
+in the first two cases, the scaling pass. Folded on its worst case (``max_deviation``),
+no output of the block moves on the inputs it saw by more than ``tolerance`` times its
+input.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class StaticGate:
     into: str  #: where its gate went: ``'conv'`` (weight and bias), ``'batchnorm'`` (weight and bias) or ``'scale'``
     max_deviation: float  #: the gate's largest departure from its mean on the inputs measured
     input_dependence: float  #: see :class:`~composer_se.gates.GateStatistics`
-    params_removed: int
+    params_removed: int  #: the block's, less the ``ChannelScale``'s where ``into`` is ``'scale'``
     #: per image, at the size measured: the squeeze's and (unless ``into`` is ``'scale'``) the scaling's one FLOP per
     #: element, and the MLP's multiply-adds as 2 FLOPs each
     flops_removed: int
@@ -140,13 +141,15 @@ def fold_static_gates(model: nn.Module, dataloader: Iterable, tolerance: float, 
     mode, no gradients, the model's training flags restored); a block is folded when
     its ``measure`` is at most ``tolerance``, in the gate's units (``(0, 1)``, or
     ``(0, 2)`` for ``init='identity'``). With ``'max_deviation'`` (the default) that bounds
-    every output's change on the inputs measured; ``'max_input_dependence'`` and
+    the change of each folded block's output on the inputs it saw while measured (with
+    blocks before it folded as well it sees slightly different ones, so the model's
+    output has no such bound: check the accuracy); ``'max_input_dependence'`` and
     ``'input_dependence'`` bound the typical variation (a standard deviation) instead and
-    let a block fold whose gate swings on a few inputs: check the accuracy after. A gate
-    fixed by construction folds exactly; give it a tolerance of float rounding
-    (``1e-6``), as the rows of a batch can round it differently in the last bit. The
-    folded model has no module for those blocks; it scripts, traces, exports and loads
-    its own state dict as any model of plain layers does. Fold a copy to keep the blocks.
+    let a block fold whose gate swings on a few inputs. A gate fixed by construction
+    folds exactly; give it a tolerance of float rounding (``1e-6``), as the rows of a
+    batch can round it differently in the last bit. The folded model has no module for
+    those blocks; it scripts, traces, exports and loads its own state dict as any model
+    of plain layers does. Fold a copy to keep the blocks.
 
     Raises:
         TypeError: ``model`` is not a module, or a batch has a type
@@ -159,7 +162,7 @@ def fold_static_gates(model: nn.Module, dataloader: Iterable, tolerance: float, 
                          f'the gate\'s units), got {tolerance!r}')
     if measure not in MEASURES:
         raise ValueError(f'measure must be one of {MEASURES}, got {measure!r}')
-    statistics = gate_statistics(model, dataloader, max_batches)
+    statistics = gate_statistics(model, dataloader, max_batches, per_class=False)
     blocks = dict(model.named_modules())
     folded, kept = [], []
     for name, stats in statistics.items():
@@ -173,6 +176,7 @@ def fold_static_gates(model: nn.Module, dataloader: Iterable, tolerance: float, 
         if into is None:
             kept.append((name, 'the BatchNorm it follows has no affine weight and bias to take its gate'))
             continue
-        folded.append(StaticGate(name, into, stats.max_deviation, stats.input_dependence, params,
+        added = stats.channels if into == 'scale' else 0  # the ChannelScale's own
+        folded.append(StaticGate(name, into, stats.max_deviation, stats.input_dependence, params - added,
                                  _flops(stats, block, into)))
     return StaticGateReport(float(tolerance), measure, tuple(folded), tuple(kept), statistics)

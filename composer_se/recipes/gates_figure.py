@@ -37,6 +37,7 @@ def measure_recipe(recipe: str, overrides: Sequence[str], checkpoint: Optional[s
         raise RecipeError(f'{recipe}: the recipe adds no SE (algorithms.squeeze_excite), so there is no gate to show')
     if config.data.source not in ('cifar10', 'imagefolder'):
         raise RecipeError(f'composer-se gates reads data.source cifar10 or imagefolder, got {config.data.source!r}')
+    torch.manual_seed(config.seed)  # without a checkpoint, the recipe's initial weights, the same on every call
     model = build_model(config.model)
     apply_squeeze_excite(model.module, settings=SqueezeExciteSettings(**se))
     if checkpoint is not None:

@@ -41,8 +41,11 @@ def test_the_command_prints_every_block_and_draws_the_figure_with_the_checkpoint
     blocks = rows(initial)
     assert len(blocks) == 7 and 'layer3.2.conv2.se' in blocks  # ResNet-20's convs with 64 outputs
     assert '8 images; figure (layer3.0.conv1.se, ' in initial
-    # A checkpoint of the recipe's model: its weights, not the initial ones, are measured.
+    assert main(command(images, '--out', str(out))) == 0
+    assert capsys.readouterr().out == initial  # the recipe's seed: the same initial weights on every call
+    # A checkpoint of the recipe's model with one block changed: its weights, not the initial ones, are measured.
     config = load_recipe(RECIPE, ['model.name=resnet20', 'model.num_classes=2'])
+    torch.manual_seed(config.seed)
     model = build_model(config.model)
     apply_squeeze_excite(model.module, settings=SqueezeExciteSettings(**config.algorithms['squeeze_excite']))
     torch.manual_seed(5)
@@ -53,6 +56,7 @@ def test_the_command_prints_every_block_and_draws_the_figure_with_the_checkpoint
                         'layer3.2.*')) == 0
     trained = capsys.readouterr().out
     assert rows(trained)['layer3.2.conv2.se'] != blocks['layer3.2.conv2.se']
+    assert all(rows(trained)[name] == blocks[name] for name in rows(trained) if name != 'layer3.2.conv2.se')
     assert 'figure (layer3.2.conv1.se, layer3.2.conv2.se)' in trained
 
 
