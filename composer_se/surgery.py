@@ -260,8 +260,9 @@ def apply_squeeze_excite(
     With ``placement='conv'`` (the default), a block goes after every
     :class:`torch.nn.Conv2d` whose **output** channel count is ``>= min_channels`` and
     whose name passes ``include`` / ``exclude``. (Composer's own
-    ``apply_squeeze_excite`` tests ``min(in_channels, out_channels)``, which its docs do
-    not say; ours follows the method card: output channels only.) With
+    ``apply_squeeze_excite`` tests ``min(in_channels, out_channels)``, as its algorithm
+    class's docstring states, while its function's docstring says "one of" the two and
+    its method card the output channels; ours follows the method card.) With
     ``placement='block'``, a block goes at the end of the residual branch of every
     registered residual block (see :mod:`composer_se.placement`) whose branch has
     ``>= min_channels`` channels: after the branch's last BatchNorm, before the
