@@ -34,10 +34,10 @@ from composer.loggers import ConsoleLogger
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from composer_se import SqueezeExcite, apply_squeeze_excite  # noqa: E402
+from composer_se.composer_plumbing.models import network_of  # noqa: E402
 from composer_se.recipes.config import load_recipe  # noqa: E402
 from composer_se.recipes.models import build_model  # noqa: E402
-from composer_se.surgery import network_of  # noqa: E402
-from composer_se.recipes.train import build_trainer  # noqa: E402
+from composer_se.recipes.run import build_trainer  # noqa: E402
 
 DEMO = ROOT / 'yamls' / 'resnet56_synthetic_demo.yaml'
 

@@ -62,8 +62,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.variants import (chosen_convs, with_composer_se, with_our_block_se, with_our_se,  # noqa: E402
-                                 with_plain_block_se)
+from benchmarks.variants import chosen_convs, with_composer_se, with_our_block_se, with_our_se  # noqa: E402
 from composer_se import apply_squeeze_excite  # noqa: E402
 from composer_se.batchnorm import se_batch_norm  # noqa: E402
 from composer_se.layers import SqueezeExcite2d  # noqa: E402

@@ -36,20 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from composer_se import fold_static_gates, gate_statistics  # noqa: E402
 from composer_se.recipes.config import load_recipe  # noqa: E402
 from composer_se.recipes.data.loaders import build_transform, image_dataset  # noqa: E402
-from composer_se.recipes.gates_figure import choose_blocks, draw, format_table  # noqa: E402
-from composer_se.recipes.models import build_model  # noqa: E402
-from composer_se.recipes.safe_load import model_state_of, read_checkpoint  # noqa: E402
-from composer_se.settings import SqueezeExciteSettings  # noqa: E402
-from composer_se.surgery import apply_squeeze_excite  # noqa: E402
+from composer_se.recipes.gates_figure import choose_blocks, draw, format_table, recipe_se_model  # noqa: E402
 
 
 def load(recipe: str, overrides: list[str], checkpoint: str | None) -> tuple[torch.nn.Module, object]:
     config = load_recipe(recipe, overrides)
-    model = build_model(config.model)
-    apply_squeeze_excite(model.module, settings=SqueezeExciteSettings(**config.algorithms['squeeze_excite']))
-    if checkpoint:
-        model.load_state_dict(model_state_of(read_checkpoint(checkpoint), checkpoint))
-    return model.module.eval(), config
+    return recipe_se_model(recipe, config, checkpoint).module.eval(), config
 
 
 def split(config, train: bool, limit: int | None = None) -> torch.utils.data.Dataset:

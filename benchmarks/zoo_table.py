@@ -65,7 +65,7 @@ def row(family: str, name: str) -> str:
     if plan.largest_channels < MIN_CHANNELS:
         min_channels = plan.largest_channels
         plan = plan_squeeze_excite(model, (size, size), LATENT_CHANNELS, min_channels)
-    folded = sum(r.folded_into is not None for r in plan.rows)
+    folded = sum(r.block.folded_into is not None for r in plan.rows)
     reasons = Counter(reason for _, reason in plan.skipped)
     skipped = '; '.join(f'{count} {reason}' for reason, count in sorted(reasons.items())) or '-'
     return f'| {family} | `{name}` | {min_channels} | {len(plan.rows)} | {folded} | {skipped} |'

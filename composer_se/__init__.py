@@ -6,27 +6,27 @@ The package has three layers:
   BatchNorms that apply a block in their own pass, in plain PyTorch (a saved, scripted
   or exported SE model needs only them); :mod:`composer_se.inference`, an SE model for
   deployment (each conv fused with its BatchNorm, SE kept), torch-only as well;
-- the surgery that puts SE into a model, and its Composer algorithm
-  (:mod:`~composer_se.surgery`, :mod:`~composer_se.algorithm`, :mod:`~composer_se.plan`);
+- the surgery that puts SE into a model and the planner that costs it, torch-only too
+  (:mod:`~composer_se.surgery`, :mod:`~composer_se.plan`), and the Composer algorithm
+  and callback around them (:mod:`~composer_se.algorithm`,
+  :mod:`~composer_se.callbacks`), with what they need of Composer's inside in
+  :mod:`composer_se.composer_plumbing`;
 - :mod:`composer_se.recipes`: YAML recipes, run with ``composer -m composer_se.train``.
 
-The names below are loaded when first used, so that importing the torch-only layers
-(``import composer_se.layers``, or unpickling an SE model) does not import Composer.
-Importing this package also lets Composer's checkpoint loader rebuild this package's
-algorithm from a checkpoint, whether Composer is imported before or after it: the
-algorithm registers itself with Composer as soon as both are loaded.
+The names below are loaded when first used: importing the package, or its torch-only
+layers (``import composer_se.layers``, or unpickling an SE model), imports neither
+Composer nor anything else.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 
 __all__ = [
     'AddedBlock',
+    'CheckpointError',
     'GateMonitor',
+    'NoEffectWarning',
     'SqueezeExcite',
     'SqueezeExcite2d',
     'SqueezeExciteBatchNorm2d',
@@ -37,6 +37,7 @@ __all__ = [
     'fold_static_gates',
     'fuse_for_inference',
     'gate_statistics',
+    'plan_squeeze_excite',
     'register_attention_module',
     'register_residual_block',
 ]
@@ -46,7 +47,9 @@ __version__ = '0.1.0'
 #: public name -> the module that defines it
 _HOMES = {
     'AddedBlock': 'composer_se.surgery',
+    'CheckpointError': 'composer_se.checkpoints',
     'GateMonitor': 'composer_se.callbacks',
+    'NoEffectWarning': 'composer_se.surgery',
     'SqueezeExcite': 'composer_se.algorithm',
     'SqueezeExcite2d': 'composer_se.layers',
     'SqueezeExciteBatchNorm2d': 'composer_se.batchnorm',
@@ -57,6 +60,7 @@ _HOMES = {
     'fold_static_gates': 'composer_se.inference',
     'fuse_for_inference': 'composer_se.inference',
     'gate_statistics': 'composer_se.gates',
+    'plan_squeeze_excite': 'composer_se.plan',
     'register_attention_module': 'composer_se.placement',
     'register_residual_block': 'composer_se.placement',
 }
@@ -72,56 +76,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _ComposerEntry:
-    """``composer.algorithms.composer_se`` until our algorithm module is imported: it imports it when asked.
-
-    Composer's checkpoint loader evaluates ``composer_se.SqueezeExcite(...)`` under
-    ``composer.algorithms``; importing :mod:`composer_se.algorithm` then replaces this
-    entry with its own (see :func:`composer_se.checkpoint_guard.register_with_composer`).
-    """
-
-    def __getattr__(self, name: str):
-        if name != 'SqueezeExcite':
-            raise AttributeError(name)
-        return importlib.import_module('composer_se.algorithm').SqueezeExcite
-
-
-def _register_with_composer() -> None:
-    algorithms = importlib.import_module('composer.algorithms')
-    if not hasattr(algorithms, 'composer_se'):
-        algorithms.composer_se = _ComposerEntry()
-
-
-class _ThenRegister(importlib.abc.Loader):
-    """Loads the ``composer`` package with its own loader, then registers our entry with it."""
-
-    def __init__(self, loader: importlib.abc.Loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self.loader.exec_module(module)
-        _register_with_composer()
-
-
-class _RegisterWhenComposerLoads(importlib.abc.MetaPathFinder):
-    """Meets the first import of ``composer`` and has :class:`_ThenRegister` load it; then leaves."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != 'composer':
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenRegister(spec.loader)
-        return spec
-
-
-if 'composer' in sys.modules:  # Composer is in use: make our checkpoints loadable by name now
-    _register_with_composer()
-elif not any(isinstance(finder, _RegisterWhenComposerLoads) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenComposerLoads())

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional
 
+from composer.algorithms.warnings import NoEffectWarning as ComposerNoEffectWarning
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from composer_se.checkpoint_guard import CheckpointGuard, register_with_composer
 from composer_se.batchnorm import broken_folds
+from composer_se.composer_plumbing.checkpoint_guard import CheckpointGuard
+from composer_se.composer_plumbing.models import network_of
+from composer_se.composer_plumbing.registration import REPR_PREFIX, register
 from composer_se.settings import SqueezeExciteSettings, settings_from
-from composer_se.surgery import apply_squeeze_excite, network_of
+from composer_se.surgery import NoEffectWarning, apply_squeeze_excite
 
 __all__ = ['SqueezeExcite']
 
@@ -28,15 +32,17 @@ CONV_REPLACING_ALGORITHMS = ('BlurPool', 'Factorize')
 class SqueezeExcite(Algorithm):
     """Adds Squeeze-and-Excitation blocks to the model at ``Event.INIT``.
 
-    A thin wrapper around :func:`~composer_se.surgery.apply_squeeze_excite`, which
-    documents every argument. With ``placement='conv'`` a conv gets a block when its
-    **output** channel count is ``>= min_channels`` and its module name passes
-    ``include`` / ``exclude``; with ``placement='block'`` the last BatchNorm of each
-    qualifying residual branch gets one. The new parameters join the optimizer param
-    group of their conv's weight (the branch's last conv for ``'block'``). Hyperparameters
-    are checked here (they become a
+    A thin wrapper around :func:`~composer_se.surgery.apply_squeeze_excite`. With
+    ``placement='conv'`` a conv gets a block when its **output** channel count is
+    ``>= min_channels`` and its module name passes ``include`` / ``exclude``; with
+    ``placement='block'`` the last BatchNorm of each qualifying residual branch gets one.
+    The new parameters join the optimizer param group of their conv's weight (the
+    branch's last conv for ``'block'``). Hyperparameters are checked here (they become a
     :class:`~composer_se.settings.SqueezeExciteSettings`, :attr:`settings`), so a bad
-    value fails when the algorithm is built, not when the Trainer starts.
+    value fails when the algorithm is built, not when the Trainer starts. Where
+    :func:`~composer_se.surgery.apply_squeeze_excite` would give its
+    :class:`~composer_se.surgery.NoEffectWarning`, the Trainer gets Composer's own
+    ``NoEffectWarning``, as from Composer's algorithms.
 
     Module names in ``include`` / ``exclude`` are those of the user's network: for a
     ``ComposerClassifier``, the module it wraps (``'layer3'``, not ``'module.layer3'``);
@@ -63,36 +69,17 @@ class SqueezeExcite(Algorithm):
     algorithm composer_se.SqueezeExcite(...)``, builds this algorithm (never Composer's
     own ``SqueezeExcite``) from the arguments the checkpoint records, applies it and
     loads; ``load_exclude_algorithms=['SqueezeExcite']`` leaves it out. (Composer finds
-    this class once ``composer_se`` is imported.) A state dict whose SE blocks differ
+    this class once it is imported: ``from composer_se import SqueezeExcite``.) A state dict whose SE blocks differ
     from the model's (saved without SE, or with other arguments) is refused by the
     Trainer's checkpoint loading before anything is copied, with a
-    :class:`~composer_se.state_dicts.CheckpointError` naming the first differing layer
-    and the two shapes (see :class:`~composer_se.checkpoint_guard.CheckpointGuard`).
-
-    Its arguments, positional or by keyword, are the fields of
-    :class:`~composer_se.settings.SqueezeExciteSettings`, in this order:
+    :class:`~composer_se.checkpoints.CheckpointError` naming the first differing layer
+    and the two shapes (see :class:`~composer_se.composer_plumbing.checkpoint_guard.CheckpointGuard`).
 
     Args:
-        latent_channels (int | float, optional): hidden width ``L`` of each block, or a
-            fraction in ``(0, 1)`` of the conv's output channels. Default: ``64``.
-        min_channels (int, optional): minimum ``out_channels`` of a conv that gets a
-            block. Default: ``128``.
-        include (str | Sequence[str], optional): module-name patterns; only convs in
-            matching modules get blocks. Default: ``()`` (all).
-        exclude (str | Sequence[str], optional): module-name patterns to leave out.
-            Default: ``()``.
-        init (str, optional): ``'default'`` or ``'identity'`` (output-preserving).
-            Default: ``'default'``.
-        placement (str, optional): ``'conv'`` (after each qualifying conv, as in
-            Composer's method card) or ``'block'`` (at the end of each residual branch,
-            as in the paper's SE-ResNet). Default: ``'conv'``.
-        fold_batchnorm (bool, optional): where a conv's output goes only to a
-            BatchNorm, that BatchNorm applies the SE block in the same pass as its
-            normalisation: same result, no extra activation kept for backward,
-            less time (see :func:`~composer_se.surgery.apply_squeeze_excite`).
-            Default: ``True``.
-        settings (SqueezeExciteSettings, optional): all of the above at once, instead
-            of one by one. Default: ``None``.
+        latent_channels, min_channels, include, exclude, init, placement, fold_batchnorm:
+            positional or by keyword, the fields of
+            :class:`~composer_se.settings.SqueezeExciteSettings`, in its order, which
+            documents each; or all of them at once as ``settings`` (not both).
 
     Example:
         >>> from composer_se import SqueezeExcite
@@ -112,10 +99,9 @@ class SqueezeExcite(Algorithm):
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
     def __repr__(self) -> str:
-        # Qualified so that Composer's checkpoint loader, which evaluates this string
-        # under ``composer.algorithms``, reaches this class and not its own
-        # SqueezeExcite (see composer_se.checkpoint_guard.register_with_composer).
-        return f'composer_se.{self.settings.call()}'
+        # Prefixed so that Composer's checkpoint loader reaches this class and not its own
+        # SqueezeExcite (see composer_se.composer_plumbing.registration).
+        return f'{REPR_PREFIX}{self.settings.call()}'
 
     @staticmethod
     def required_on_load() -> bool:
@@ -157,7 +143,13 @@ class SqueezeExcite(Algorithm):
                 f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
                 f'with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
             )
-        report = apply_squeeze_excite(network_of(state.model), optimizers=state.optimizers, settings=self.settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            report = apply_squeeze_excite(network_of(state.model), optimizers=state.optimizers, settings=self.settings)
+        for warning in caught:  # again, under the caller's filters; in a Trainer, "no effect" is Composer's warning
+            no_effect = issubclass(warning.category, NoEffectWarning)
+            category = ComposerNoEffectWarning if no_effect else warning.category
+            warnings.warn_explicit(str(warning.message), category, warning.filename, warning.lineno)
         log.info(
             f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '
             f'{type(state.model).__name__} with {self!r}.',
@@ -168,4 +160,4 @@ class SqueezeExcite(Algorithm):
         })
 
 
-register_with_composer(SqueezeExcite)
+register(SqueezeExcite)

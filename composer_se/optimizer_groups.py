@@ -21,7 +21,14 @@ def as_optimizers(optimizers: Union[Optimizer, Sequence[Optimizer], None]) -> tu
         return ()
     if isinstance(optimizers, Optimizer):
         return (optimizers,)
-    return tuple(optimizers)
+    try:
+        given = tuple(optimizers)
+    except TypeError:
+        given = None
+    if given is None or not all(isinstance(o, Optimizer) for o in given):
+        raise TypeError(f'optimizers must be a torch.optim.Optimizer, a sequence of them, or None, got '
+                        f'{type(optimizers).__name__}: {optimizers!r:.80}')
+    return given
 
 
 def param_index(optimizers: Sequence[Optimizer]) -> ParamIndex:

@@ -3,14 +3,15 @@
 :func:`plan_squeeze_excite` applies the same rules as
 :func:`~composer_se.surgery.apply_squeeze_excite` (it calls the same selection code)
 to a model, runs the model once, in training mode, on a ``meta`` tensor to learn every
-feature map's size, and returns a :class:`Plan`: one :class:`PlanRow` per SE block, totals against
-the unmodified model, and the method card's advice for choosing ``min_channels``.
+feature map's size, and returns a :class:`Plan`: one :class:`BlockCost` per SE block (the
+block as the surgery's report would describe it, and its costs), totals against the
+unmodified model, and the method card's advice for choosing ``min_channels``.
 It works on a copy of the model whose weights are ``meta`` tensors: no weight is
 copied, no activation is allocated and nothing is computed, so it is instant even for
 large models, and the model itself is left as it was.
 
-Costs per block, for ``C`` channels, hidden width ``L`` and an ``H x W`` feature map,
-per image:
+Costs per block, for ``C`` channels, ``L = latent_channels`` and an ``H x W`` feature
+map, per image:
 
 - parameters: ``2 * C * L + L + C`` (two linear layers with biases);
 - FLOPs: ``4 * C * L``, the two matrix products, counted as
@@ -44,35 +45,35 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer_se.batchnorm import fold_targets
+from composer_se.composer_plumbing.models import network_of
+from composer_se.layers import block_params
 from composer_se.settings import UNSET, Patterns, SqueezeExciteSettings, settings_from
-from composer_se.surgery import network_of, select_sites
+from composer_se.surgery import AddedBlock, select_sites
 
-__all__ = ['Plan', 'PlanRow', 'format_plan', 'plan_squeeze_excite']
+__all__ = ['BlockCost', 'Plan', 'format_plan', 'plan_squeeze_excite']
 
 FORMATS = ('table', 'markdown', 'json')
+#: The settings that change a plan (``init`` does not), in their order.
+PLANNED = tuple(f.name for f in dataclasses.fields(SqueezeExciteSettings) if f.name != 'init')
 _BATCH = 2  #: images in the planner's meta batch; FLOPs and traffic grow linearly with it
 
 
 @dataclass
-class PlanRow:
-    """One SE block the surgery would add."""
+class BlockCost:
+    """One SE block the surgery would add, and what it costs per image."""
 
-    name: str
-    in_channels: int
-    out_channels: int
-    height: int
-    width: int
-    latent_channels: int
-    params: int
+    block: AddedBlock  #: the block, as the surgery's report would describe it
+    feature_map: tuple[int, int]  #: height and width of the feature map it scales
     flops: int
     traffic_bytes: int  #: activation bytes the block reads and writes per image
     saved_bytes: int  #: activation bytes the block keeps for backward per image (full-size tensors)
-    folded_into: Optional[str] = None  #: the BatchNorm that applies the block, if folded
 
 
 @dataclass
 class Plan:
-    rows: list[PlanRow]
+    """What :func:`plan_squeeze_excite` found: a :class:`BlockCost` per block, the model's own figures, the settings."""
+
+    rows: list[BlockCost]
     input_size: tuple[int, int]
     bytes_per_element: int
     model_params: int
@@ -81,14 +82,14 @@ class Plan:
     largest_channels: int  #: the widest site (conv output or residual branch) in the model
     #: min_channels -> (blocks, parameters added), for each distinct site width
     candidates: dict[int, tuple[int, int]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: SqueezeExciteSettings = field(default_factory=SqueezeExciteSettings)
     #: (name, reason) of the modules that passed the channel and name rules but would get no block, as in
     #: the surgery report: inside an SE or attention module of the network, already with a block, a subclass
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
-    def params(self) -> int:
-        return sum(row.params for row in self.rows)
+    def num_params(self) -> int:
+        return sum(row.block.num_params for row in self.rows)
 
     @property
     def flops(self) -> int:
@@ -117,10 +118,6 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _added_params(channels: int, hidden: int) -> int:
-    return 2 * channels * hidden + hidden + channels
-
-
 def plan_squeeze_excite(
     model: nn.Module,
     input_size: tuple[int, int] = (224, 224),
@@ -128,10 +125,11 @@ def plan_squeeze_excite(
     min_channels: int = UNSET,
     include: Patterns = UNSET,
     exclude: Patterns = UNSET,
+    init: str = UNSET,
     placement: str = UNSET,
-    bytes_per_element: int = 4,
     fold_batchnorm: bool = UNSET,
     *,
+    bytes_per_element: int = 4,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> Plan:
     """What :func:`~composer_se.surgery.apply_squeeze_excite` would add to ``model``, and its cost.
@@ -143,15 +141,16 @@ def plan_squeeze_excite(
     two 3-channel images of ``input_size`` (height, width; two, so that BatchNorm sees
     more than one value per channel); the figures are per image.
     ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16. The SE
-    arguments are :func:`~composer_se.surgery.apply_squeeze_excite`'s, one by one or
-    as ``settings``.
+    arguments are the fields of :class:`~composer_se.settings.SqueezeExciteSettings`, in
+    its order, which documents each, or all at once as ``settings`` (not both), as for
+    :func:`~composer_se.surgery.apply_squeeze_excite` (``init`` changes no cost).
     """
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(f'input_size must be (height, width) with both >= 1, got {input_size!r}')
     if bytes_per_element not in (1, 2, 4, 8):
         raise ValueError(f'bytes_per_element must be 1, 2, 4 or 8, got {bytes_per_element!r}')
     settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
-                             exclude=exclude, placement=placement, fold_batchnorm=fold_batchnorm)
+                             exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
     meta = _meta_copy(network_of(model)).train()
     selection = select_sites(meta, settings)
     folds = fold_targets(meta, [site.module for site, _ in selection.chosen] if settings.folds else [])[0]
@@ -181,39 +180,36 @@ def plan_squeeze_excite(
             hook.remove()
 
     rows = []
-    for site, width in selection.chosen:
+    for site, latent_channels in selection.chosen:
         shape = shapes.get(site.module)
         if shape is None or len(shape) != 4:
             raise ValueError(f'module {site.names[0]!r} did not produce a 4-D feature map in the forward pass, so its '
                              f'SE cost cannot be planned')
-        channels, height, width_px = int(shape[1]), int(shape[2]), int(shape[3])
+        channels, height, width = int(shape[1]), int(shape[2]), int(shape[3])
         norm = folds.get(id(site.module))
-        folded = norm is not None
-        fused = folded or settings.placement == 'block'  # SE applied in one pass with a BatchNorm
-        feature_map = channels * height * width_px * bytes_per_element
-        rows.append(PlanRow(
-            name=site.names[0],
-            in_channels=site.in_channels,
-            out_channels=channels,
-            height=height,
-            width=width_px,
-            latent_channels=width,
-            params=_added_params(channels, width),
-            flops=4 * channels * width,
+        fused = norm is not None or settings.placement == 'block'  # SE applied in one pass with a BatchNorm
+        feature_map = channels * height * width * bytes_per_element
+        block = AddedBlock(name=site.names[0], in_channels=site.in_channels, out_channels=channels,
+                           latent_channels=latent_channels, num_params=block_params(channels, latent_channels),
+                           folded_into=None if norm is None else names[id(norm)])
+        rows.append(BlockCost(
+            block=block,
+            feature_map=(height, width),
+            flops=4 * channels * latent_channels,
             traffic_bytes=feature_map if fused else 3 * feature_map,
             saved_bytes=0 if fused else feature_map,
-            folded_into=names[id(norm)] if folded else None,
         ))
 
-    # The same rules at each distinct width as min_channels (patterns and existing blocks included):
-    # select once with no channel bound; each threshold keeps the sites at least that wide. Convs
-    # inside the network's SE or attention modules never get a block, so their widths are no choice.
-    widths = sorted({site.channels for site in selection.sites if site.attention is None})
+    # The same rules at each distinct site width as min_channels (patterns and existing blocks included):
+    # select once with no channel bound; each threshold keeps the sites it qualifies. Convs inside the
+    # network's SE or attention modules never get a block, so their widths are no choice.
+    thresholds = sorted({site.channels for site in selection.sites if site.attention is None})
     unbounded = select_sites(meta, dataclasses.replace(settings, min_channels=1)).chosen
     candidates = {}
-    for threshold in widths:
-        chosen = [(site, hidden) for site, hidden in unbounded if site.channels >= threshold]
-        candidates[threshold] = (len(chosen), sum(_added_params(site.channels, hidden) for site, hidden in chosen))
+    for threshold in thresholds:
+        bound = dataclasses.replace(settings, min_channels=threshold)
+        chosen = [(site, latent) for site, latent in unbounded if bound.qualifies(site.channels)]
+        candidates[threshold] = (len(chosen), sum(block_params(site.channels, latent) for site, latent in chosen))
     return Plan(
         rows=rows,
         input_size=(int(input_size[0]), int(input_size[1])),
@@ -221,16 +217,9 @@ def plan_squeeze_excite(
         model_params=sum(p.numel() for p in meta.parameters()),
         model_flops=int(counter.get_total_flops()) // _BATCH,
         model_traffic_bytes=traffic // _BATCH,
-        largest_channels=widths[-1] if widths else 0,
+        largest_channels=thresholds[-1] if thresholds else 0,
         candidates=candidates,
-        settings={
-            'latent_channels': settings.latent_channels,
-            'min_channels': settings.min_channels,
-            'include': list(settings.include),
-            'exclude': list(settings.exclude),
-            'placement': settings.placement,
-            'fold_batchnorm': settings.fold_batchnorm,
-        },
+        settings=settings,
         skipped=list(selection.skipped),
     )
 
@@ -249,7 +238,7 @@ def _table(header: list[str], body: list[list[str]], markdown: bool) -> list[str
 
 
 def _advice(plan: Plan) -> str:
-    if plan.settings.get('placement') == 'block':
+    if plan.settings.placement == 'block':
         return ('Advice: the paper puts SE on every residual block (min_channels=1) with latent_channels=1/16. '
                 'Blocks and parameters for each min_channels:')
     return (f'Method card advice: min_channels=512 for ImageNet-scale models; for smaller ones, the largest output '
@@ -262,26 +251,28 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         raise ValueError(f'format must be one of {FORMATS}, got {style!r}')
     if style == 'json':
         document = asdict(plan)
-        document['candidates'] = {str(k): {'blocks': v[0], 'params': v[1]} for k, v in plan.candidates.items()}
-        document['totals'] = {'blocks': len(plan.rows), 'params': plan.params, 'flops': plan.flops,
+        document['candidates'] = {str(k): {'blocks': v[0], 'num_params': v[1]} for k, v in plan.candidates.items()}
+        document['totals'] = {'blocks': len(plan.rows), 'num_params': plan.num_params, 'flops': plan.flops,
                               'traffic_bytes': plan.traffic_bytes, 'saved_bytes': plan.saved_bytes}
         document['skipped'] = [{'name': name, 'reason': reason} for name, reason in plan.skipped]
         return json.dumps(document, indent=2)
     markdown = style == 'markdown'
-    header = ['module', 'in->out', 'HxW', 'hidden', 'params', 'FLOPs', 'traffic (bytes)', 'kept (bytes)', 'folded into']
-    body = [[row.name, f'{row.in_channels}->{row.out_channels}', f'{row.height}x{row.width}', str(row.latent_channels),
-             f'{row.params:,}', f'{row.flops:,}', f'{row.traffic_bytes:,}', f'{row.saved_bytes:,}',
-             row.folded_into or '-'] for row in plan.rows]
-    settings = ', '.join(f'{k}={v!r}' for k, v in plan.settings.items())
+    header = ['module', 'in->out', 'HxW', 'latent', 'params', 'FLOPs', 'traffic (bytes)', 'kept (bytes)', 'folded into']
+    body = [[row.block.name, f'{row.block.in_channels}->{row.block.out_channels}',
+             f'{row.feature_map[0]}x{row.feature_map[1]}', str(row.block.latent_channels), f'{row.block.num_params:,}',
+             f'{row.flops:,}', f'{row.traffic_bytes:,}', f'{row.saved_bytes:,}', row.block.folded_into or '-']
+            for row in plan.rows]
+    settings = ', '.join(f'{name}={getattr(plan.settings, name)!r}' for name in PLANNED)
     lines = [f'SE plan at {plan.input_size[0]}x{plan.input_size[1]} ({settings}), per image:', '']
     lines += _table(header, body, markdown)
     lines += [
         '',
-        f'{len(plan.rows)} SE blocks add {plan.params:,} parameters ({_percent(plan.params, plan.model_params)} of '
-        f'{plan.model_params:,}, making {plan.model_params + plan.params:,}), {plan.flops:,} FLOPs ({_percent(plan.flops, plan.model_flops)} of '
+        f'{len(plan.rows)} SE blocks add {plan.num_params:,} parameters '
+        f'({_percent(plan.num_params, plan.model_params)} of {plan.model_params:,}, making '
+        f'{plan.model_params + plan.num_params:,}), {plan.flops:,} FLOPs ({_percent(plan.flops, plan.model_flops)} of '
         f'{plan.model_flops:,}) and {plan.traffic_bytes:,} bytes of activation traffic '
         f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}); '
-        f'{sum(row.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after their '
+        f'{sum(row.block.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after their '
         f'conv, and the blocks keep {plan.saved_bytes:,} bytes of activations for backward.',
         '',
     ]

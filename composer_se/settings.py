@@ -1,8 +1,9 @@
 """The SE hyperparameters, once: :class:`SqueezeExciteSettings` holds, defaults and checks them.
 
 The algorithm, :func:`~composer_se.surgery.apply_squeeze_excite`, the planner, the
-``composer-se plan`` command and recipes all take one of these (or the same keyword
-arguments, which become one).
+``composer-se plan`` command and recipes all take one of these, or its fields as
+arguments in its order, which become one; this class's docstring is where each is
+described.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-from composer_se.layers.block import GATE_INITS
+from composer_se.layers.block import DEFAULT_LATENT_CHANNELS, GATE_INITS
 
 __all__ = ['DEFAULTS', 'PLACEMENTS', 'UNSET', 'Patterns', 'SqueezeExciteSettings', 'resolve_latent_channels',
            'settings_from']
@@ -44,13 +45,13 @@ def _patterns(argument: str, patterns: Patterns) -> tuple[str, ...]:
 def _latent_channels(value: Any) -> float:
     if not _is_real_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(
-            f'latent_channels must be an integer >= 1 (the hidden width) or a fraction in (0, 1) '
+            f'latent_channels must be an integer >= 1 (the hidden layer width) or a fraction in (0, 1) '
             f'of each conv\'s output channels, got {value!r}',
         )
     if value >= 1:
         if value != int(value):
             raise ValueError(
-                f'latent_channels >= 1 must be a whole number (the hidden width); fractions must lie in (0, 1); '
+                f'latent_channels >= 1 must be a whole number (the hidden layer width); fractions must lie in (0, 1); '
                 f'got {value!r}',
             )
         return int(value)
@@ -75,15 +76,16 @@ class SqueezeExciteSettings:
     naming it and what is allowed.
 
     Args:
-        latent_channels (int | float, optional): ``L``, the hidden width of each block.
-            An integer ``>= 1`` is the width; a float in ``(0, 1)`` is a fraction of the
+        latent_channels (int | float, optional): ``L``, the width of each block's hidden
+            layer. An integer ``>= 1`` is ``L`` itself; a float in ``(0, 1)`` is a fraction of the
             channels the block scales, rounded (half to even), at least 1 (``1/16`` is
             the paper's reduction ratio 16). Default: ``64``.
         min_channels (int, optional): a module gets a block only if its output has at
             least this many channels. Default: ``128``.
         include (str | Sequence[str], optional): fnmatch patterns on dotted module
             names; if given, a module qualifies only if its name or the name of a
-            module containing it matches one. Default: ``()`` (every module).
+            module containing it matches one (``'layer3'`` and ``'layer3.*'`` both
+            select everything in ``layer3``). Default: ``()`` (every module).
         exclude (str | Sequence[str], optional): patterns of the same kind; a module
             whose name or container matches one is left alone. Default: ``()``.
         init (str, optional): ``'default'`` (the paper's sigmoid gate) or
@@ -92,11 +94,17 @@ class SqueezeExciteSettings:
         placement (str, optional): ``'conv'`` (after each qualifying conv, as in
             Composer's method card) or ``'block'`` (at the end of each residual branch,
             as in the paper's SE-ResNet). Default: ``'conv'``.
-        fold_batchnorm (bool, optional): with ``placement='conv'``, fold each block
-            whose conv feeds a BatchNorm alone into that BatchNorm. Default: ``True``.
+        fold_batchnorm (bool, optional): with ``placement='conv'``, where a chosen conv's
+            output goes to a ``BatchNorm2d`` and nowhere else (read from the model's
+            ``torch.fx`` trace), that BatchNorm applies the conv's block together with
+            its normalisation, in one pass over the activation and without keeping a
+            second copy of it for backward
+            (:class:`~composer_se.batchnorm.FoldedSqueezeExciteBatchNorm2d`): the same
+            result up to rounding, with the same parameter names and param groups.
+            ``False`` keeps every block inside its conv. Default: ``True``.
     """
 
-    latent_channels: float = 64
+    latent_channels: float = DEFAULT_LATENT_CHANNELS
     min_channels: int = 128
     include: Patterns = ()
     exclude: Patterns = ()
@@ -125,7 +133,11 @@ class SqueezeExciteSettings:
         """``settings`` (or the defaults) with ``changes`` applied and checked."""
         return dataclasses.replace(settings or DEFAULTS, **changes)
 
-    def hidden_width(self, channels: int) -> int:
+    def qualifies(self, channels: int) -> bool:
+        """Whether a module whose output has ``channels`` channels is wide enough for a block."""
+        return channels >= self.min_channels
+
+    def latent_channels_for(self, channels: int) -> int:
         """``L`` for a block that scales ``channels`` channels (see :func:`resolve_latent_channels`)."""
         return resolve_latent_channels(self.latent_channels, channels)
 
@@ -145,9 +157,9 @@ DEFAULTS = SqueezeExciteSettings()
 
 
 def resolve_latent_channels(latent_channels: float, out_channels: int) -> int:
-    """The hidden width ``L`` of the SE block after a conv with ``out_channels`` outputs.
+    """``L``, the hidden layer width of the SE block after a conv with ``out_channels`` outputs.
 
-    A value ``>= 1`` is the width itself; a value in ``(0, 1)`` is a fraction of
+    A value ``>= 1`` is ``L`` itself; a value in ``(0, 1)`` is a fraction of
     ``out_channels``, rounded with Python's ``round`` (half to even) and at least 1.
     Assumes ``latent_channels`` was checked by :class:`SqueezeExciteSettings`.
     """

@@ -5,7 +5,7 @@
 1. **select** (:func:`select_sites`): the placement's candidate modules (convolutions,
    or the ends of residual branches, :mod:`composer_se.placement`) that pass the
    channel and name rules;
-2. **plan**: a :class:`PlannedBlock` for each, with its new SE block built, the
+2. **prepare**: a :class:`PreparedBlock` for each, with its new SE block built, the
    optimizer param groups it will join and the BatchNorm it will be folded into, if
    any; nothing is changed yet, so any error leaves the model as it was;
 3. **commit**: each chosen module becomes a
@@ -26,26 +26,34 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 from torch.optim import Optimizer
 
 from composer_se.batchnorm import (FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, fold_into_batch_norm_,
                                    fold_targets)
-from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
+from composer_se.composer_plumbing.models import network_of
+from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d, block_params
 from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
 from composer_se.placement import Site, find_sites
 from composer_se.settings import DEFAULTS, UNSET, Patterns, SqueezeExciteSettings, settings_from
 
 __all__ = [
     'AddedBlock',
-    'PlannedBlock',
+    'NoEffectWarning',
+    'PreparedBlock',
     'Selection',
     'SqueezeExciteReport',
     'apply_squeeze_excite',
-    'network_of',
     'select_sites',
 ]
+
+
+class NoEffectWarning(UserWarning):
+    """:func:`apply_squeeze_excite` added no block, on a model that had none where its settings put one.
+
+    The :class:`~composer_se.SqueezeExcite` algorithm gives it to a Trainer as
+    Composer's own ``NoEffectWarning``, as Composer's algorithms do.
+    """
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class AddedBlock:
     name: str  #: the name of the module it follows, e.g. ``'layer4.0.conv2'`` or ``'layer4.0.bn3'``
     in_channels: int
     out_channels: int
-    latent_channels: int  #: ``L``, the block's hidden width
+    latent_channels: int  #: ``L``, the width of the block's hidden layer
     num_params: int  #: parameters the block adds: ``2 * C * L + L + C``
     #: the BatchNorm that applies this block in one pass with its normalisation (see
     #: ``fold_batchnorm`` of :func:`apply_squeeze_excite`), or ``None``
@@ -128,12 +136,6 @@ def _check_not_wrapped(model: nn.Module) -> None:
                 )
 
 
-def network_of(model: nn.Module) -> nn.Module:
-    """The module whose names ``include`` / ``exclude`` refer to: the network inside a ComposerClassifier."""
-    from composer.models import ComposerClassifier
-    return model.module if isinstance(model, ComposerClassifier) else model
-
-
 def _ancestry(name: str) -> list[str]:
     """``'a.b.c'`` -> ``['a', 'a.b', 'a.b.c']``; the root module (``''``) has none."""
     parts = name.split('.') if name else []
@@ -162,7 +164,7 @@ def _check_patterns_match(model: nn.Module, argument: str, patterns: Sequence[st
 class Selection:
     """The outcome of the placement, channel and name rules on a model, before any change."""
 
-    chosen: list[tuple[Site, int]]  #: the sites that get a block, each with its hidden width
+    chosen: list[tuple[Site, int]]  #: the sites that get a block, each with its block's latent_channels
     skipped: list[tuple[str, str]]  #: selected sites left alone: (name, reason)
     sites: list[Site]  #: every candidate site of the placement
     unsupported: list[str]  #: skipped sites of a type that cannot be converted, as 'name (Type)'
@@ -187,7 +189,7 @@ def _block_there(module: nn.Module, settings: SqueezeExciteSettings, channels: i
         block, placement = module.se, 'conv' if isinstance(module, SqueezeExciteConv2d) else 'block'
     else:
         return None
-    if (placement, block.latent_channels, block.init) == (settings.placement, settings.hidden_width(channels),
+    if (placement, block.latent_channels, block.init) == (settings.placement, settings.latent_channels_for(channels),
                                                           settings.init):
         return None
     where = " (its conv's, folded into it)" if folded else ''
@@ -207,7 +209,7 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
     sites = find_sites(model, settings.placement)
     selection = Selection(chosen=[], skipped=[], sites=sites, unsupported=[])
     for site in sites:
-        if site.channels < settings.min_channels:
+        if not settings.qualifies(site.channels):
             continue
         if settings.include and not _matches(site.names, settings.include):
             continue
@@ -227,12 +229,12 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
             selection.skipped.append((name, f'is a {type(module).__name__}, not exactly a Conv2d or BatchNorm2d'))
             selection.unsupported.append(f'{name} ({type(module).__name__})')
         else:
-            selection.chosen.append((site, settings.hidden_width(site.channels)))
+            selection.chosen.append((site, settings.latent_channels_for(site.channels)))
     return selection
 
 
 @dataclass(frozen=True)
-class PlannedBlock:
+class PreparedBlock:
     """One SE block that :func:`apply_squeeze_excite` will add, decided before anything changes."""
 
     site: Site  #: the module it goes after
@@ -246,13 +248,13 @@ def apply_squeeze_excite(
     model: nn.Module,
     latent_channels: float = UNSET,
     min_channels: int = UNSET,
-    optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
     include: Patterns = UNSET,
     exclude: Patterns = UNSET,
     init: str = UNSET,
     placement: str = UNSET,
     fold_batchnorm: bool = UNSET,
     *,
+    optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> SqueezeExciteReport:
     """Adds Squeeze-and-Excitation blocks to ``model``, in place.
@@ -287,23 +289,23 @@ def apply_squeeze_excite(
     no-op: modules that already have a block (ours, or Composer's
     ``SqueezeExciteConv2d``) are skipped, and when nothing was added because of that, no
     warning is given (not even the one for subclasses, which the first application
-    gave). A :class:`~composer.algorithms.warnings.NoEffectWarning` means the call did
+    gave). A :class:`NoEffectWarning` means the call did
     nothing on a model that had no block where these settings put one: the model has no
     candidate module, none passed the channel and name rules (the message names the
     largest channel count), or every one that passed was skipped for another reason
     (inside an SE or attention module, a subclass); the message says which.
 
-    The SE arguments are those of
-    :class:`~composer_se.settings.SqueezeExciteSettings`, which documents each; pass
-    them one by one or as ``settings`` (not both).
-
     Args:
         model (torch.nn.Module): the model to modify; not wrapped in DDP, FSDP or
             ``torch.compile``.
-        latent_channels (int | float, optional): ``L``, the hidden width of each block,
-            or a fraction in ``(0, 1)`` of the channels it scales. Default: ``64``.
-        min_channels (int, optional): a module gets a block only if its output has at
-            least this many channels. Default: ``128``.
+        latent_channels, min_channels, include, exclude, init, placement, fold_batchnorm:
+            the fields of :class:`~composer_se.settings.SqueezeExciteSettings`, in its
+            order, which documents each; or all of them at once as ``settings`` (not
+            both). A pattern that matches no module name at all is an error (it is
+            almost always a typo). Where ``fold_batchnorm`` folds a block, the conv
+            module alone returns its output *before* SE (hooks on it see that); a model
+            that does not trace with ``torch.fx`` gets no folding, and the report says
+            why.
         optimizers (Optimizer | Sequence[Optimizer], optional): optimizers already
             built over ``model``'s parameters. Each block's parameters join the param
             group that holds its conv's ``weight`` (for ``placement='block'``, the
@@ -312,41 +314,18 @@ def apply_squeeze_excite(
             exactly one group in all, they join that one; with several groups to
             choose from this is an error. Optimizers built after this call see the new
             parameters anyway. Default: ``None``.
-        include (str | Sequence[str], optional): fnmatch patterns on dotted module
-            names; if given, a module qualifies only if its name or the name of a
-            module containing it matches one (``'layer3'`` and ``'layer3.*'`` both
-            select everything in ``layer3``). Default: ``()`` (every module).
-        exclude (str | Sequence[str], optional): patterns of the same kind; a module
-            whose name or container matches one is left alone. Default: ``()``.
-            A pattern that matches no module name at all is an error (it is almost
-            always a typo).
-        init (str, optional): ``'default'`` (the paper's sigmoid gate) or
-            ``'identity'`` (the model computes exactly what it did before, until
-            training changes the blocks); see
-            :class:`~composer_se.layers.SqueezeExcite2d`. Default: ``'default'``.
-        placement (str, optional): ``'conv'`` or ``'block'``. Default: ``'conv'``.
-        fold_batchnorm (bool, optional): with ``placement='conv'``, where a chosen conv's
-            output goes to a ``BatchNorm2d`` and nowhere else (read from the model's
-            ``torch.fx`` trace), the BatchNorm applies the conv's SE block together
-            with its normalisation, in one pass over the activation and without
-            keeping a second copy of it for backward
-            (:class:`~composer_se.batchnorm.FoldedSqueezeExciteBatchNorm2d`). The result
-            is the same up to rounding, parameter names and param groups do not change,
-            but the conv module alone then returns its output *before* SE (hooks on it
-            see that). ``False`` keeps every block inside its conv. A model that does
-            not trace gets no folding; the report says why. Default: ``True``.
-        settings (SqueezeExciteSettings, optional): all of the above but
-            ``optimizers`` at once. Default: ``None``.
+        settings (SqueezeExciteSettings, optional): the SE arguments at once.
 
     Returns:
-        SqueezeExciteReport: the blocks added (names, widths, parameter counts) and
+        SqueezeExciteReport: the blocks added (names, latent_channels, parameters) and
         the selected modules that were skipped, with the reason.
 
     Raises:
         ValueError: a bad hyperparameter or placement, a pattern that matches nothing,
             ``placement='block'`` on a model without a registered residual block, or
             SE parameters with no param group to join.
-        TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``.
+        TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``, or
+            optimizers were passed by position.
 
     Warns:
         NoEffectWarning: no block was added, and none of the selected modules had one
@@ -373,15 +352,24 @@ def apply_squeeze_excite(
     if not isinstance(model, nn.Module):
         raise TypeError(f'apply_squeeze_excite takes the model as a torch.nn.Module, got {type(model).__name__}: '
                         f'{model!r:.80}')
+    if _is_optimizers(include):
+        raise TypeError('apply_squeeze_excite takes optimizers by keyword only (its positional arguments are the '
+                        'settings\' fields, in their order): apply_squeeze_excite(model, latent_channels, min_channels, '
+                        'optimizers=...)')
     settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
-                            exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
+                             exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
     selection = select_sites(model, settings)
     optimizers = as_optimizers(optimizers)
     _check_optimizers_hold_the_model(model, optimizers)
-    plan, fold_unavailable = _plan(model, selection, settings, optimizers)
-    for planned in plan:
-        _commit(planned)
-    return _report(plan, selection, settings, fold_unavailable)
+    prepared, fold_unavailable = _prepare(model, selection, settings, optimizers)
+    for block in prepared:
+        _commit(block)
+    return _report(prepared, selection, settings, fold_unavailable)
+
+
+def _is_optimizers(value: object) -> bool:
+    return isinstance(value, Optimizer) or (isinstance(value, (list, tuple)) and bool(value)
+                                            and all(isinstance(v, Optimizer) for v in value))
 
 
 def _check_optimizers_hold_the_model(model: nn.Module, optimizers: tuple[Optimizer, ...]) -> None:
@@ -399,22 +387,22 @@ def _check_optimizers_hold_the_model(model: nn.Module, optimizers: tuple[Optimiz
         )
 
 
-def _plan(model: nn.Module, selection: Selection, settings: SqueezeExciteSettings,
-          optimizers: tuple[Optimizer, ...]) -> tuple[list[PlannedBlock], Optional[str]]:
+def _prepare(model: nn.Module, selection: Selection, settings: SqueezeExciteSettings,
+             optimizers: tuple[Optimizer, ...]) -> tuple[list[PreparedBlock], Optional[str]]:
     """Decides and builds every block before the model is touched."""
     chosen_convs = [site.module for site, _ in selection.chosen] if settings.folds else []
     folds, fold_unavailable = fold_targets(network_of(model), chosen_convs)
     module_names = {id(module): name for name, module in model.named_modules()}
     index = param_index(optimizers)
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    plan = []
-    for site, width in selection.chosen:
+    prepared = []
+    for site, latent_channels in selection.chosen:
         name = site.names[0]
         groups = groups_for(name, site.anchor, parameters.get(site.anchor), optimizers, index)
         # The module's device and dtype: its parameters', or an affine=False BatchNorm's running statistics.
         reference = next((t for t in (*site.module.parameters(), *site.module.buffers()) if t.is_floating_point()),
                          None)
-        block = SqueezeExcite2d(site.channels, width, init=settings.init)
+        block = SqueezeExcite2d(site.channels, latent_channels, init=settings.init)
         if reference is not None:
             block.to(device=reference.device, dtype=reference.dtype)
         block.train(site.module.training)
@@ -423,34 +411,34 @@ def _plan(model: nn.Module, selection: Selection, settings: SqueezeExciteSetting
             name=name,
             in_channels=site.in_channels,
             out_channels=site.channels,
-            latent_channels=width,
-            num_params=sum(p.numel() for p in block.parameters()),
+            latent_channels=latent_channels,
+            num_params=block_params(site.channels, latent_channels),
             folded_into=None if norm is None else module_names[id(norm)],
         )
-        plan.append(PlannedBlock(site, block, tuple(groups), norm, added))
-    return plan, fold_unavailable
+        prepared.append(PreparedBlock(site, block, tuple(groups), norm, added))
+    return prepared, fold_unavailable
 
 
-def _commit(planned: PlannedBlock) -> None:
-    """Puts one planned block into the model and its param groups; cannot fail."""
-    module = planned.site.module
-    _CONVERTIBLE[type(module)].convert_(module, planned.block)
-    if planned.norm is not None:
-        fold_into_batch_norm_(module, planned.norm)
-    join(planned.block, planned.groups)
+def _commit(prepared: PreparedBlock) -> None:
+    """Puts one prepared block into the model and its param groups; cannot fail."""
+    module = prepared.site.module
+    _CONVERTIBLE[type(module)].convert_(module, prepared.block)
+    if prepared.norm is not None:
+        fold_into_batch_norm_(module, prepared.norm)
+    join(prepared.block, prepared.groups)
 
 
-def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExciteSettings,
+def _report(prepared: list[PreparedBlock], selection: Selection, settings: SqueezeExciteSettings,
             fold_unavailable: Optional[str]) -> SqueezeExciteReport:
     """The report, and the warnings: skipped subclasses, no block added; none for a re-application."""
-    reapplied = not plan and any(reason == ALREADY_HAS_A_BLOCK for _, reason in selection.skipped)
+    reapplied = not prepared and any(reason == ALREADY_HAS_A_BLOCK for _, reason in selection.skipped)
     if selection.unsupported and not reapplied:
         warnings.warn(
             f'SE was not added after these selected modules, which are subclasses whose own forward the conversion '
             f'would drop: {", ".join(selection.unsupported)}',
             UserWarning,
         )
-    if not plan and not reapplied:
+    if not prepared and not reapplied:
         warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
     if selection.others:
         shown = '; '.join(f'{name} has {there}' for name, there in selection.others[:3])
@@ -458,22 +446,22 @@ def _report(plan: list[PlannedBlock], selection: Selection, settings: SqueezeExc
         warnings.warn(
             f'SE was applied again with other arguments, {settings.call()}: {len(selection.others)} of the modules '
             f'they select already have SE of other arguments and were left as they are: {shown}{more}. '
-            f'{f"It added {len(plan)} blocks elsewhere." if plan else "It added no block."} To change the SE of a '
+            f'{f"It added {len(prepared)} blocks elsewhere." if prepared else "It added no block."} To change the SE of a '
             f'model, apply it to the model without SE.',
             UserWarning,
         )
-    wider = [planned.added for planned in plan if planned.added.latent_channels > planned.added.out_channels]
+    wider = [block.added for block in prepared if block.added.latent_channels > block.added.out_channels]
     if wider:
         example = wider[0]
         warnings.warn(
             f'latent_channels={settings.latent_channels} is more than the channels of {len(wider)} of the '
-            f'{len(plan)} blocks (for example {example.name}: {example.latent_channels} hidden units for '
+            f'{len(prepared)} blocks (for example {example.name}: {example.latent_channels} hidden units for '
             f'{example.out_channels} channels): their hidden layer is wider than what it squeezes. A fraction '
             f'(latent_channels=1/16) scales it with each block.',
             UserWarning,
         )
     return SqueezeExciteReport(
-        added=tuple(planned.added for planned in plan),
+        added=tuple(block.added for block in prepared),
         skipped=tuple(selection.skipped),
         fold_unavailable=fold_unavailable,
     )

@@ -1,4 +1,4 @@
-"""The SqueezeExcite Composer algorithm, outside a Trainer."""
+"""composer_se/algorithm.py: the SqueezeExcite Composer algorithm, outside a Trainer."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from composer.models import ComposerClassifier
 
 import composer_se
 from composer_se import SqueezeExcite, SqueezeExciteConv2d
-from tests.helpers import small_cnn
-from tests.helpers import no_decay_groups
+from tests.helpers import no_decay_groups, small_cnn
 
 
 def make_state(optimizers=None) -> State:
@@ -66,15 +65,25 @@ def test_apply_does_surgery_with_the_states_optimizers_and_logs(caplog):
     assert {id(p) for p in state.model.parameters()} == opt_ids
 
 
-def test_apply_with_nothing_to_do_warns_and_logs_zero():
+def test_apply_with_nothing_to_do_warns_as_composer_does_and_logs_zero():
+    """In a Trainer, "no effect" is Composer's NoEffectWarning (not the functional API's); other warnings pass as
+    they are."""
     state = make_state()
     logger = Mock(spec=Logger)
-    with pytest.warns(NoEffectWarning, match='largest out_channels in the model is 32'):
+    with pytest.warns(NoEffectWarning, match='largest out_channels in the model is 32') as caught:
         SqueezeExcite(min_channels=512).apply(Event.INIT, state, logger)
+    assert [w.category for w in caught] == [NoEffectWarning]
     logger.log_hyperparameters.assert_called_once_with({
         'squeeze_excite/num_squeeze_excite_layers': 0,
         'squeeze_excite/num_params_added': 0,
     })
+
+
+def test_other_surgery_warnings_reach_the_trainer_as_they_are():
+    state = make_state()
+    with pytest.warns(UserWarning, match='their hidden layer is wider than what it squeezes') as caught:
+        SqueezeExcite(latent_channels=1000, min_channels=16).apply(Event.INIT, state, Mock(spec=Logger))
+    assert [w.category for w in caught] == [UserWarning]
 
 
 def test_repr_shows_hyperparameters_and_rebuilds_the_algorithm():

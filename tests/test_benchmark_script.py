@@ -1,4 +1,4 @@
-"""The benchmark scripts still run: overhead.py's memory column, fusion.py, static_gates.py,
+"""Across benchmarks/: the scripts still run, overhead.py's memory column, fusion.py, static_gates.py,
 fold_parity.py, gpu_suite.py and accuracy.py at toy size."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""GateMonitor in a real Trainer: what it logs, when, and that the steps it does not log run as without it."""
+"""composer_se/callbacks.py: GateMonitor in a real Trainer, what it logs, when, and that the steps it does not log
+run as without it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The README and the method card: their code runs, and their commands are the ones CI uses."""
+"""Across the docs: the README's and the method card's code runs, and their commands are the ones CI uses."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -55,3 +56,39 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert commands[0].endswith('composer -n 1 -m composer_se.train yamls/resnet56_synthetic_demo.yaml')
     assert commands[1].endswith('python -m pytest -q')
     assert commands[1] in (ROOT / '.ci/run').read_text().splitlines()
+
+
+def _dotted_names(text: str) -> set[str]:
+    """Every ``composer_se.<name>...`` the text writes in backticks (``composer_se.CheckpointError``, ...)."""
+    return {match.rstrip('.') for match in re.findall(r'`(composer_se(?:\.[A-Za-z_]\w*)+)', text)}
+
+
+@pytest.mark.parametrize('path', DOCS)
+def test_every_name_the_docs_give_in_the_package_exists(path):
+    """A module, class or function the docs name as ``composer_se.x.y`` can be imported as written."""
+    missing = []
+    for name in sorted(_dotted_names((ROOT / path).read_text())):
+        parts = name.split('.')
+        for split in range(len(parts), 0, -1):  # the longest module prefix, then attributes
+            try:
+                value = importlib.import_module('.'.join(parts[:split]))
+            except ModuleNotFoundError:
+                continue
+            try:
+                for attribute in parts[split:]:
+                    value = getattr(value, attribute)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert len(_dotted_names((ROOT / path).read_text())) >= 3 and missing == []
+
+
+def test_what_the_docs_say_of_imports_holds():
+    """The docs do not say the package never imports timm (it does where timm is in use: test_timm.py), nor that
+    importing composer_se registers anything (tests/test_layout.py: importing it changes nothing)."""
+    for path in DOCS:
+        text = ' '.join((ROOT / path).read_text().split())
+        assert not re.search(r'never imports? timm|timm is never imported', text), path
+        assert not re.search(r'registered when `composer_se` is imported', text), path

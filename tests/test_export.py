@@ -1,4 +1,4 @@
-"""An SE model under torch.compile, TorchScript and ONNX gives the eager outputs."""
+"""Across the package: an SE model under torch.compile, TorchScript and ONNX gives the eager outputs."""
 
 from __future__ import annotations
 

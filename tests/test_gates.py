@@ -1,4 +1,5 @@
-"""composer_se.gate_statistics: each SE block's gate over given inputs, on every SE model, the model left unchanged."""
+"""composer_se/gates.py: gate_statistics, each SE block's gate over given inputs, on every SE model, the model left
+unchanged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SE block and the conv+SE module (composer_se.layers)."""
+"""composer_se/layers/: the SE block and the conv+SE module."""
 
 from __future__ import annotations
 

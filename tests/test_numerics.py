@@ -1,4 +1,5 @@
-"""SE under fp16 and bf16 autocast on CPU: finite outputs and gradients for huge and all-zero inputs.
+"""Across the package: SE under fp16 and bf16 autocast on CPU, finite outputs and gradients for huge and all-zero
+inputs.
 
 Inputs are scaled to 1e4 (fp16's largest value is 65504) or are all zeros (a mean of
 zero, a BatchNorm variance of zero). Losses are means, as training losses are, so

@@ -1,4 +1,5 @@
-"""placement='block': SE at the end of residual branches, as in the paper's SE-ResNet."""
+"""composer_se/placement.py: where SE may go; placement='block', SE at the end of residual branches, as in the
+paper's SE-ResNet."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from composer_se import (SqueezeExcite, SqueezeExcite2d, SqueezeExciteBatchNorm2d, apply_squeeze_excite,
+from composer_se import (SqueezeExcite, SqueezeExcite2d, SqueezeExciteBatchNorm2d, apply_squeeze_excite, placement,
                          register_residual_block)
+from composer_se.placement import registered_blocks
 from composer_se.recipes.data import SyntheticImages
 from composer_se.recipes.models import cifar_resnet
-from composer_se import placement
-from composer_se.placement import registered_blocks
-from tests.helpers import small_cnn
-from tests.helpers import no_decay_groups
+from tests.helpers import no_decay_groups, small_cnn
 
 
 def test_se_resnet50_matches_the_paper():

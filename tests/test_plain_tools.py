@@ -1,4 +1,4 @@
-"""What works on a plain model works on its SE model, on every family of the zoo and timm's.
+"""Across the package: what works on a plain model works on its SE model, on every family of the zoo and timm's.
 
 Three SE models of each: folded into the next BatchNorm (the default), unfolded
 (``fold_batchnorm=False``) and, for residual networks, the paper's placement. On each:
@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from tests.zoo import SE_MODELS, SeModel, close, one_thread  # noqa: F401 - one_thread: an autouse fixture
+
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out  # GoogLeNet and Inception v3 in training
@@ -89,7 +90,8 @@ def _tap_name(model: nn.Module, blocks: dict[str, Optional[str]], nodes: list[st
 def test_fx_feature_extraction(case: SeModel):
     _, model, blocks = case.models()
     if case.is_timm:
-        from timm.models._features_fx import create_feature_extractor as extractor, get_graph_node_names as node_names
+        from timm.models._features_fx import create_feature_extractor as extractor
+        from timm.models._features_fx import get_graph_node_names as node_names
     else:
         extractor, node_names = create_feature_extractor, get_graph_node_names
     x = torch.randn(2, 3, case.size, case.size, dtype=torch.float64)

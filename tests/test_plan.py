@@ -1,11 +1,8 @@
-"""The planner (composer-se plan): rows pinned by hand, and agreement with real surgery."""
+"""composer_se/plan.py: the planner, its rows pinned by hand and its agreement with real surgery."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +10,12 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer_se import apply_squeeze_excite
-from composer_se.recipes.cli import main
-from composer_se.recipes.models import cifar_resnet
 from composer_se.plan import format_plan, plan_squeeze_excite
-
-ROOT = Path(__file__).resolve().parents[1]
+from composer_se.recipes.models import cifar_resnet
 
 
 def rows_by_name(plan) -> dict:
-    return {row.name: row for row in plan.rows}
+    return {row.block.name: row for row in plan.rows}
 
 
 def test_resnet50_rows_match_hand_computation():
@@ -33,29 +27,29 @@ def test_resnet50_rows_match_hand_computation():
     # 512x64 at 2 FLOPs per multiply-add. Unfolded, the block reads 512*28*28 floats twice, writes them once
     # and keeps them for backward; folded into bn3, it reads them once and keeps nothing of that size.
     row = rows['layer2.0.conv3']
-    assert (row.in_channels, row.out_channels, row.height, row.width, row.latent_channels) == (128, 512, 28, 28, 64)
-    assert (row.params, row.flops, row.traffic_bytes, row.saved_bytes) == (66_112, 131_072, 1_605_632, 0)
-    assert row.folded_into == 'layer2.0.bn3'
+    assert (row.block.in_channels, row.block.out_channels, row.feature_map, row.block.latent_channels) == (128, 512, (28, 28), 64)
+    assert (row.block.num_params, row.flops, row.traffic_bytes, row.saved_bytes) == (66_112, 131_072, 1_605_632, 0)
+    assert row.block.folded_into == 'layer2.0.bn3'
     row = unfolded['layer2.0.conv3']
-    assert (row.traffic_bytes, row.saved_bytes, row.folded_into) == (4_816_896, 1_605_632, None)
+    assert (row.traffic_bytes, row.saved_bytes, row.block.folded_into) == (4_816_896, 1_605_632, None)
     # layer4.0.conv2: the strided 3x3 of the first bottleneck of stage 4: 512 -> 512 at 7x7.
     row = rows['layer4.0.conv2']
-    assert (row.in_channels, row.out_channels, row.height, row.width) == (512, 512, 7, 7)
-    assert (row.params, row.flops, unfolded['layer4.0.conv2'].traffic_bytes) == (66_112, 131_072, 301_056)
+    assert (row.block.in_channels, row.block.out_channels, row.feature_map) == (512, 512, (7, 7))
+    assert (row.block.num_params, row.flops, unfolded['layer4.0.conv2'].traffic_bytes) == (66_112, 131_072, 301_056)
     # layer4.2.conv3: 512 -> 2048 at 7x7.
     row = rows['layer4.2.conv3']
-    assert (row.params, row.flops, row.traffic_bytes) == (2 * 2048 * 64 + 64 + 2048, 4 * 2048 * 64, 2048 * 49 * 4)
-    assert (plan.model_params, len(plan.rows), plan.params, plan.saved_bytes) == (25_557_032, 22, 2_709_376, 0)
-    assert all(row.folded_into for row in plan.rows)
+    assert (row.block.num_params, row.flops, row.traffic_bytes) == (2 * 2048 * 64 + 64 + 2048, 4 * 2048 * 64, 2048 * 49 * 4)
+    assert (plan.model_params, len(plan.rows), plan.num_params, plan.saved_bytes) == (25_557_032, 22, 2_709_376, 0)
+    assert all(row.block.folded_into for row in plan.rows)
 
 
 def test_paper_placement_plan_says_28_1_million():
     plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), 1 / 16, 1, placement='block')
     row = rows_by_name(plan)['layer1.0.bn3']
     # The block end is applied in one pass with its BatchNorm: one read of the 256 x 56 x 56 map extra, nothing kept.
-    assert (row.out_channels, row.height, row.latent_channels, row.params, row.traffic_bytes,
-            row.saved_bytes) == (256, 56, 16, 8_464, 3_211_264, 0)
-    assert len(plan.rows) == 16 and plan.model_params + plan.params == 28_088_024
+    assert (row.block.out_channels, row.feature_map[0], row.block.latent_channels, row.block.num_params,
+            row.traffic_bytes, row.saved_bytes) == (256, 56, 16, 8_464, 3_211_264, 0)
+    assert len(plan.rows) == 16 and plan.model_params + plan.num_params == 28_088_024
     assert 'making 28,088,024' in format_plan(plan)
 
 
@@ -77,9 +71,8 @@ def test_plan_agrees_with_surgery(build, kwargs):
     report = apply_squeeze_excite(meta, **kwargs)
     with FlopCounterMode(display=False) as se_counter:
         meta(x)
-    assert [row.name for row in plan.rows] == report.names
-    assert [row.latent_channels for row in plan.rows] == [block.latent_channels for block in report.added]
-    assert plan.params == report.num_params
+    assert [row.block for row in plan.rows] == list(report.added)  # one record, the same blocks
+    assert plan.num_params == report.num_params == sum(p.numel() for p in meta.parameters()) - plan.model_params
     assert plan.flops == se_counter.get_total_flops() - base_counter.get_total_flops()
     assert plan.model_flops == base_counter.get_total_flops()
     assert sum(p.numel() for p in model.parameters()) == plan.model_params  # the model itself is untouched
@@ -97,45 +90,17 @@ def test_formats():
     markdown = format_plan(plan, 'markdown')
     assert '| layer3.0.conv1 | 32->64 | 8x8 | 8 |' in markdown
     document = json.loads(format_plan(plan, 'json'))
-    assert document['totals']['blocks'] == 7 and document['rows'][0]['name'] == 'layer3.0.conv1'
-    assert document['candidates']['64'] == {'blocks': 7, 'params': plan.params}
+    assert document['totals']['blocks'] == 7 and document['rows'][0]['block']['name'] == 'layer3.0.conv1'
+    assert document['candidates']['64'] == {'blocks': 7, 'num_params': plan.num_params}
     with pytest.raises(ValueError, match='format must be one of'):
         format_plan(plan, 'html')
-
-
-def test_cli_plans_a_named_model_and_a_recipe(capsys):
-    assert main(['plan', 'resnet56', '--input-size', '32', '--min-channels', '64', '--latent-channels', '1/4']) == 0
-    out = capsys.readouterr().out
-    assert 'SE plan at 32x32' in out and '19 SE blocks add' in out and 'layer3.8.conv2' in out
-    assert main(['plan', str(ROOT / 'yamls' / 'resnet50_imagenet.yaml'), '--format', 'json']) == 0
-    document = json.loads(capsys.readouterr().out)
-    assert document['input_size'] == [224, 224] and document['totals']['blocks'] == 22
-    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml')]) == 0
-    assert '16 SE blocks add 2,530,992 parameters' in capsys.readouterr().out
-
-
-def test_cli_errors_are_one_line(capsys):
-    assert main(['plan', 'resnet5O']) == 2
-    assert "unknown model.name 'resnet5O'" in capsys.readouterr().err
-    assert main(['plan', 'resnet20', '--latent-channels', '1.5']) == 2
-    assert 'latent_channels >= 1 must be a whole number' in capsys.readouterr().err
-    assert main(['plan', 'vgg11', '--placement', 'block']) == 2
-    assert 'placement="block" found no residual block' in capsys.readouterr().err
-
-
-def test_console_script_is_installed():
-    script = Path(sys.executable).with_name('composer-se')
-    result = subprocess.run([str(script), 'plan', 'resnet20', '--input-size', '32', '--min-channels', '64',
-                             '--format', 'markdown'], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert '7 SE blocks add' in result.stdout
 
 
 def test_advice_table_applies_the_same_patterns_and_the_model_is_left_alone():
     model = torchvision.models.resnet18()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     plan = plan_squeeze_excite(model, (64, 64), 16, 64, include=['layer3'], exclude='*downsample*')
-    assert len(plan.rows) == 4 and plan.candidates[64] == (len(plan.rows), plan.params)
+    assert len(plan.rows) == 4 and plan.candidates[64] == (len(plan.rows), plan.num_params)
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert next(model.parameters()).device.type == 'cpu'
 
@@ -144,53 +109,11 @@ def test_a_composer_classifier_is_planned_like_the_algorithm_sees_it():
     from composer.models import ComposerClassifier
     plan = plan_squeeze_excite(ComposerClassifier(cifar_resnet(20), num_classes=10), (32, 32), 8, 64,
                                include='layer3')
-    assert plan.rows[0].name == 'layer3.0.conv1' and len(plan.rows) == 7
+    assert plan.rows[0].block.name == 'layer3.0.conv1' and len(plan.rows) == 7
 
 
 def test_block_rows_show_the_blocks_input_channels_and_the_papers_advice():
     plan = plan_squeeze_excite(torchvision.models.resnet50(), (224, 224), 1 / 16, 1, placement='block')
     rows = rows_by_name(plan)
-    assert (rows['layer1.0.bn3'].in_channels, rows['layer2.0.bn3'].in_channels) == (64, 256)
+    assert (rows['layer1.0.bn3'].block.in_channels, rows['layer2.0.bn3'].block.in_channels) == (64, 256)
     assert 'the paper puts SE on every residual block' in format_plan(plan)
-
-
-def test_cli_flags_override_the_recipe(capsys):
-    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml'), '--placement', 'conv', '--min-channels',
-                 '2048', '--input-size', '160', '--format', 'json']) == 0
-    document = json.loads(capsys.readouterr().out)
-    assert document['settings']['placement'] == 'conv' and document['input_size'] == [160, 160]
-    assert [row['name'] for row in document['rows']] == ['layer4.0.conv3', 'layer4.0.downsample.0', 'layer4.1.conv3',
-                                                         'layer4.2.conv3']
-    assert document['rows'][0]['height'] == 5
-
-
-def test_the_plan_lists_what_surgery_skips_and_says_why(capsys):
-    model = torchvision.models.efficientnet_b0()
-    plan = plan_squeeze_excite(model, (64, 64), 8, 512)
-    report = apply_squeeze_excite(model, 8, 512)
-    assert plan.skipped == list(report.skipped) and len(plan.skipped) == 7
-    assert plan.skipped[0] == ('features.5.1.block.2.fc2', 'inside an SE or attention module (SqueezeExcitation)')
-    assert [row.name for row in plan.rows] == report.names
-    assert '| features.5.1.block.2.fc2 | inside an SE or attention module (SqueezeExcitation) |' in format_plan(
-        plan, 'markdown')
-    assert json.loads(format_plan(plan, 'json'))['skipped'][0] == {
-        'name': 'features.5.1.block.2.fc2', 'reason': 'inside an SE or attention module (SqueezeExcitation)'}
-    assert main(['plan', 'mobilenet_v3_small', '--min-channels', '512']) == 0
-    out = capsys.readouterr().out
-    assert '2 selected modules get no block:' in out
-    assert 'features.10.block.2.fc2  inside an SE or attention module (SqueezeExcitation)' in out
-
-
-def test_training_only_branches_are_planned_and_regnets_build_for_the_command(capsys):
-    # Inception v3's auxiliary classifier runs only in training, where SE trains; RegNets' constructors
-    # compute their widths from tensors, so the command builds them with real (CPU) weights.
-    model = torchvision.models.inception_v3(init_weights=False)
-    plan = plan_squeeze_excite(model, (299, 299), 64, 512)
-    assert [row.name for row in plan.rows] == ['AuxLogits.conv1.conv'] == apply_squeeze_excite(model, 64, 512).names
-    assert (plan.rows[0].height, plan.rows[0].width) == (1, 1)
-    with pytest.raises(ValueError, match=r'Inception3 does not run on 64x64 images in training mode \(.*\); plan it '
-                       r'at another input size'):
-        plan_squeeze_excite(model, (64, 64), 64, 512)
-    assert main(['plan', 'regnet_y_400mf', '--min-channels', '440', '--format', 'json']) == 0
-    document = json.loads(capsys.readouterr().out)
-    assert document['totals']['blocks'] == 19 and len(document['skipped']) == 6

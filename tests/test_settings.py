@@ -1,4 +1,4 @@
-"""One settings object for every entry point, with the defaults written once."""
+"""composer_se/settings.py: one settings object for every entry point, with the defaults written once."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_every_entry_point_takes_the_same_settings():
     assert algorithm.settings is settings and algorithm.min_channels == 16
     assert repr(algorithm) == repr(SqueezeExcite(latent_channels=4, min_channels=16, fold_batchnorm=False))
     plan = plan_squeeze_excite(torchvision.models.resnet18(), settings=dataclasses.replace(settings, min_channels=512))
-    assert len(plan.rows) == 5 and plan.settings['fold_batchnorm'] is False
+    assert len(plan.rows) == 5 and plan.settings.fold_batchnorm is False
 
 
 def test_settings_and_keywords_together_are_refused():

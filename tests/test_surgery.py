@@ -1,4 +1,4 @@
-"""apply_squeeze_excite: which convs, names, optimizers, idempotency, atomicity, report."""
+"""composer_se/surgery.py: apply_squeeze_excite, which convs, names, optimizers, idempotency, atomicity, report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import composer.functional as cf
 import pytest
 import torch
 import torchvision
-from composer.algorithms.warnings import NoEffectWarning
 from torch import nn
 
-from composer_se import SqueezeExcite, SqueezeExciteConv2d, apply_squeeze_excite
+from composer_se import NoEffectWarning, SqueezeExcite, SqueezeExciteConv2d, apply_squeeze_excite
 from composer_se.settings import resolve_latent_channels
 from tests.helpers import no_decay_groups, small_cnn
 
@@ -121,6 +120,19 @@ def test_an_optimizer_of_another_model_is_an_error_and_changes_nothing():
         apply_squeeze_excite(model, 16, 256, optimizers=optimizer)
     assert_unchanged(model, before)
     assert len(optimizer.param_groups[0]['params']) == 62
+
+
+@pytest.mark.parametrize('as_list', [False, True])
+def test_optimizers_by_position_are_a_type_error_that_says_to_name_them(as_list):
+    """The positional arguments are the settings' fields in their order; an optimizer where ``include`` goes is
+    refused with the call to make, before anything changes."""
+    model = torchvision.models.resnet18()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r'takes optimizers by keyword only .* apply_squeeze_excite\(model, '
+                                        r'latent_channels, min_channels, optimizers=\.\.\.\)'):
+        apply_squeeze_excite(model, 16, 256, [optimizer] if as_list else optimizer)
+    assert_unchanged(model, before)
 
 
 def test_a_latent_width_above_a_blocks_channels_warns_once_with_how_many():
@@ -263,8 +275,7 @@ def test_a_model_whose_selected_convs_all_sit_in_se_modules_warns_that_nothing_w
 
 
 def test_a_user_attention_module_registers_in_one_line():
-    from composer_se import register_attention_module
-    from composer_se import placement
+    from composer_se import placement, register_attention_module
 
     class SpatialGate(nn.Module):
 

@@ -1,4 +1,4 @@
-"""SqueezeExcite inside a real Composer Trainer on CPU: training, checkpoints, resumption."""
+"""Across the package: SqueezeExcite inside a real Composer Trainer on CPU, training, checkpoints, resumption."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import copy
 
 import composer.algorithms
 import pytest
-from composer.algorithms.warnings import NoEffectWarning
 import torch
 from composer import Trainer
 from composer.algorithms import SqueezeExcite as ComposerSqueezeExcite
 from composer.algorithms.squeeze_excite.squeeze_excite import SqueezeExciteConv2d as ComposerSqueezeExciteConv2d
+from composer.algorithms.warnings import NoEffectWarning
 from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 

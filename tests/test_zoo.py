@@ -1,4 +1,5 @@
-"""SE is drop-in on one model of every torchvision classification CNN family, and on timm CNNs (``tests/zoo.py``).
+"""Across the package: SE is drop-in on one model of every torchvision classification CNN family, and on timm CNNs
+(``tests/zoo.py``).
 
 For each model: the folded model computes what SE inside the convs computes (float64:
 training outputs, gradients, running statistics, eval outputs), it scripts, an optimizer

@@ -10,7 +10,8 @@ SE and the normalisation as one affine map per (n, c).
 - :mod:`~composer_se.batchnorm.fold` and :mod:`~composer_se.batchnorm.graph`: folding a
   conv's block into its BatchNorm (and back), and which convs feed a BatchNorm alone (the fx trace);
 - :mod:`~composer_se.batchnorm.function`: what the modules call, in training (an
-  autograd function in eager mode) and in eval;
+  autograd function in eager mode) and in eval; :mod:`~composer_se.batchnorm.backend`,
+  whether its passes run as Triton kernels or torch operations;
 - :mod:`~composer_se.batchnorm.torch_passes`: the arithmetic (its derivation is that
   module's docstring) and its passes, forward, backward and eval, in torch operations
   (CPU); :mod:`~composer_se.batchnorm.triton_passes`: the same passes as Triton kernels
@@ -25,8 +26,9 @@ It imports only ``torch``: Triton when a CUDA tensor first arrives (or a Triton 
 that takes CPU tensors is active), timm when a timm norm is folded.
 """
 
+from composer_se.batchnorm.backend import runs_triton
 from composer_se.batchnorm.fold import broken_folds, can_fold, fold_into_batch_norm_, folded_type, unfold_batch_norm_
-from composer_se.batchnorm.function import runs_triton, se_batch_norm, se_batch_norm_eval
+from composer_se.batchnorm.function import se_batch_norm, se_batch_norm_eval
 from composer_se.batchnorm.graph import batch_norm_consumers, fold_targets
 from composer_se.batchnorm.modules import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, SqueezeExciteNorm
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from composer_se.batchnorm import torch_passes
-from composer_se.batchnorm.function import runs_triton
+from composer_se.batchnorm.backend import runs_triton
 
 __all__ = ['se_batch_norm']
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_se.batchnorm.function import compiles_triton, plain_se_batch_norm, se_batch_norm, se_batch_norm_eval
-from composer_se.layers.block import SqueezeExcite2d, convert_
+from composer_se.batchnorm.backend import compiles_triton
+from composer_se.batchnorm.function import plain_se_batch_norm, se_batch_norm, se_batch_norm_eval
+from composer_se.layers.block import DEFAULT_LATENT_CHANNELS, SqueezeExcite2d, convert_
 
 __all__ = ['FoldedSqueezeExciteBatchNorm2d', 'SqueezeExciteBatchNorm2d', 'SqueezeExciteNorm', 'normalise']
 
@@ -156,7 +157,7 @@ class SqueezeExciteBatchNorm2d(SqueezeExciteNorm):
 
     Args:
         num_features (int): ``C``, as for ``BatchNorm2d``.
-        latent_channels (int): ``L``, the hidden width of the SE block. Default: ``64``.
+        latent_channels (int): ``L``, the SE block's hidden layer width. Default: ``64``.
         init (str, optional): the SE block's ``init``; see
             :class:`~composer_se.layers.SqueezeExcite2d`. Default: ``'default'``.
         **kwargs: the other arguments of :class:`torch.nn.BatchNorm2d`.
@@ -164,7 +165,7 @@ class SqueezeExciteBatchNorm2d(SqueezeExciteNorm):
 
     se_first = False
 
-    def __init__(self, num_features: int, latent_channels: int = 64, init: str = 'default', **kwargs):
+    def __init__(self, num_features: int, latent_channels: int = DEFAULT_LATENT_CHANNELS, init: str = 'default', **kwargs):
         super().__init__(num_features, **kwargs)
         self.se = SqueezeExcite2d(num_features, latent_channels, init=init).to(device=kwargs.get('device'),
                                                                                dtype=kwargs.get('dtype'))

@@ -45,7 +45,7 @@ keeps in its own form. Five steps touch the full ``(N, C, H, W)`` activation, on
   (eval) computes its ``A`` and ``B`` from the gate's hidden units and the running
   statistics first;
 - :func:`grad_sums`: ``sum_hw g`` and ``sum_hw g * (u - m)`` per (n, c);
-- :func:`affine2`: ``g * P + (u - M) * Q + R`` per (n, c).
+- :func:`affine_of_two`: ``g * P + (u - M) * Q + R`` per (n, c).
 
 The rest works on ``(N, C)`` statistics and the gate's ``(N, L)`` hidden units, in
 float32 (float64 for float64 inputs), the gate's two layers as ``F.linear`` in the
@@ -182,7 +182,7 @@ def grad_sums(g: Tensor, u: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     return g_sum, gu_sum - mean * g_sum
 
 
-def affine2(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tensor) -> Tensor:
+def affine_of_two(g: Tensor, u: Tensor, p: Tensor, q: Tensor, center: Tensor, r: Tensor) -> Tensor:
     """``g * p + (u - center) * q + r`` per (n, c), in ``u``'s dtype.
 
     ``p``, ``center`` and ``r`` are (N, C); ``q`` is (N, C) or (C,). For float32 and float64,
@@ -420,7 +420,7 @@ def backward(se_first: bool, grad_out: Tensor, u: Tensor, saved: tuple, w1: Tens
         grad_z1 = gate_hidden_backward(grad_z2, hidden, w2)
         grad_w1, grad_b1, grad_weight, grad_bias, p, q, r = bn_se_backward(
             g_sum, gu_c, mean, sig, gate_scale, grad_z1, var_or_squeezed, w1, b1, mu, rstd, weight, count)
-    grad_u = affine2(grad_out, u, p, q, mean, r)
+    grad_u = affine_of_two(grad_out, u, p, q, mean, r)
     return grad_u, grad_w1, grad_b1, grad_w2, grad_b2, grad_weight, grad_bias
 
 

@@ -22,7 +22,7 @@ is the one the loads run along:
   the gate is not yet known (BatchNorm then SE, eval) each program computes the gate's
   second layer for its own image and channels first;
 - ``grad_sums``: ``sum g`` and ``sum g (u - m)`` in one pass over ``g`` and ``u``;
-- ``affine2``: ``grad_u = g P + (u - m) Q + R``.
+- ``affine_of_two``: ``grad_u = g P + (u - m) Q + R``.
 
 The ``(N, C)`` kernels hold the gate's MLP as ``tl.dot`` products (exact float32, no
 TF32; for float64, which ``tl.dot`` does not take, the products summed):
@@ -468,7 +468,7 @@ def _grad_sums_kernel(g_ptr, u_ptr, ws_ptr, ws2_ptr, N, C, HW, sg_n, sg_c, sg_hw
 
 
 @triton.jit
-def _affine2_kernel(g_ptr, u_ptr, out_ptr, ws_ptr, ws2_ptr, N, C, HW, sg_n, sg_c, sg_hw, su_n, su_c, su_hw,
+def _affine_of_two_kernel(g_ptr, u_ptr, out_ptr, ws_ptr, ws2_ptr, N, C, HW, sg_n, sg_c, sg_hw, su_n, su_c, su_hw,
                     Q_PER_CHANNEL: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     # grad_u = g P + (u - mean) Q + R; out is laid out as u is; Q is (N, C), or (C,) with Q_PER_CHANNEL.
     n = tl.program_id(0)
@@ -820,7 +820,7 @@ def backward(launch: Callable[..., None], se_first: bool, grad_out: Tensor, u: T
         launch(_bn_se_backward_kernel, geo.channel_grid, ws, ws2, gate_scale, w1, grad_w1, grad_b1,
                ws2 if grad_weight is None else grad_weight, ws2 if grad_bias is None else grad_bias, n, c, latent,
                count, geo.hw, has_affine, geo.block_n, geo.block_cs, geo.block_l, acc_tl)
-    launch(_affine2_kernel, geo.tiles_grid, g, x, grad_u, ws, ws2, n, c, geo.hw, *g_strides, *geo.strides,
+    launch(_affine_of_two_kernel, geo.tiles_grid, g, x, grad_u, ws, ws2, n, c, geo.hw, *g_strides, *geo.strides,
            not se_first, geo.block_hw, geo.block_c, acc_tl)
     return grad_u, grad_w1, grad_b1, grad_w2, grad_b2, grad_weight, grad_bias
 

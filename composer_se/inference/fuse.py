@@ -29,11 +29,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from composer_se.batchnorm import (FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, batch_norm_consumers)
+from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, batch_norm_consumers
 from composer_se.batchnorm.fold import timm_batch_norm_act
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 
-__all__ = ['ChannelBias', 'FusedConv', 'FusionReport', 'fuse_for_inference']
+__all__ = ['ChannelBias', 'FusedConv', 'FusionReport', 'fuse_for_inference', 'registrations', 'scale_rows']
 
 
 class ChannelBias(nn.Module):
@@ -132,7 +132,7 @@ def _remains(norm: nn.BatchNorm2d, shift: Optional[torch.Tensor]) -> nn.Module:
 @torch.no_grad()
 def _fuse(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> Optional[torch.Tensor]:
     """Moves ``scale`` (and, with no SE block between, ``shift``) into ``conv``; returns the shift left, if any."""
-    conv.weight.copy_(conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1)))
+    scale_rows(conv.weight, scale)
     between = isinstance(conv, SqueezeExciteConv2d)
     bias = torch.zeros_like(scale) if conv.bias is None else conv.bias.double()
     bias = bias * scale if between else bias * scale + shift
@@ -148,12 +148,21 @@ def _fuse(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> Optional
     return shift
 
 
+@torch.no_grad()
+def scale_rows(tensor: torch.Tensor, scale: torch.Tensor) -> None:
+    """Multiplies row ``i`` of ``tensor`` (along its first dimension) by ``scale[i]``, in place, in float64."""
+    tensor.copy_(tensor.double() * scale.view(-1, *[1] * (tensor.dim() - 1)))
+
+
+def registrations(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Each ``(parent, name)`` under which ``model`` registers ``module``."""
+    return [(parent, name) for parent in model.modules() for name, child in parent._modules.items() if child is module]
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Puts ``new`` wherever ``model`` registers ``old``."""
-    for parent in model.modules():
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, name, new)
+    for parent, name in registrations(model, old):
+        setattr(parent, name, new)
 
 
 def _folded_pairs(model: nn.Module) -> dict[int, nn.BatchNorm2d]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, unfold_batch_norm_
 from composer_se.gates import GateStatistics, gate_statistics
+from composer_se.inference.fuse import registrations, scale_rows
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
 
 __all__ = ['MEASURES', 'ChannelScale', 'StaticGate', 'StaticGateReport', 'fold_static_gates']
@@ -85,31 +86,17 @@ class StaticGateReport:
         return sum(gate.flops_removed for gate in self.folded)
 
 
-def _owner(model: nn.Module, block: SqueezeExcite2d) -> tuple[nn.Module, str]:
-    """The module that registers ``block``, and the name it has there."""
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is block:
-                return parent, name
-    raise AssertionError('a block of named_modules() has no parent')
-
-
-@torch.no_grad()
-def _scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> None:
-    weight.copy_(weight.double() * scale.view(-1, *[1] * (weight.dim() - 1)))
-
-
 def _fold(model: nn.Module, block: SqueezeExcite2d, scale: torch.Tensor) -> Optional[str]:
     """Replaces ``block`` by the fixed gate ``scale`` (float64); returns where it went, or ``None`` if it cannot."""
-    owner, attribute = _owner(model, block)
+    owner, attribute = registrations(model, block)[0]
     if isinstance(owner, SqueezeExciteConv2d) and attribute == 'se':
         if owner.folded_into_norm:
             norm = next(m for m in model.modules()
                         if isinstance(m, FoldedSqueezeExciteBatchNorm2d) and m._folded_se is block)
             unfold_batch_norm_(owner, norm)
-        _scale_rows(owner.weight, scale)
+        scale_rows(owner.weight, scale)
         if owner.bias is not None:
-            _scale_rows(owner.bias, scale)
+            scale_rows(owner.bias, scale)
         del owner._modules['se']
         owner.__dict__.pop('folded_into_norm', None)
         owner.__class__ = nn.Conv2d
@@ -117,8 +104,8 @@ def _fold(model: nn.Module, block: SqueezeExcite2d, scale: torch.Tensor) -> Opti
     if isinstance(owner, SqueezeExciteBatchNorm2d) and attribute == 'se':
         if not owner.affine:
             return None
-        _scale_rows(owner.weight, scale)
-        _scale_rows(owner.bias, scale)
+        scale_rows(owner.weight, scale)
+        scale_rows(owner.bias, scale)
         del owner._modules['se']
         owner.__class__ = nn.BatchNorm2d
         return 'batchnorm'

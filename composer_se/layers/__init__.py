@@ -5,7 +5,7 @@ unpickled, scripted, exported or served without Composer or torchvision. The Bat
 that apply a block in their own pass are in :mod:`composer_se.batchnorm`.
 """
 
-from composer_se.layers.block import GATE_INITS, SqueezeExcite2d, excite
+from composer_se.layers.block import DEFAULT_LATENT_CHANNELS, GATE_INITS, SqueezeExcite2d, block_params, excite
 from composer_se.layers.conv import SqueezeExciteConv2d
 
-__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteConv2d', 'excite']
+__all__ = ['DEFAULT_LATENT_CHANNELS', 'GATE_INITS', 'SqueezeExcite2d', 'SqueezeExciteConv2d', 'block_params', 'excite']

@@ -6,8 +6,8 @@ For a feature map ``u`` of shape ``(N, C, H, W)``::
     s = gate(W2 @ relu(W1 @ z + b1) + b2)        # excitation: (N, C)
     y = u * s[:, :, None, None]                  # scale
 
-``W1`` maps ``C`` to ``L`` channels and ``W2`` maps ``L`` back to ``C``; ``L`` is the
-latent (hidden) width. The paper's equation has no biases; like torchvision's and
+``W1`` maps ``C`` to ``L`` channels and ``W2`` maps ``L`` back to ``C``; ``L`` is
+``latent_channels``, the width of the hidden layer. The paper's equation has no biases; like torchvision's and
 timm's SE layers, ours has them (``b1``, ``b2``).
 """
 
@@ -19,12 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['GATE_INITS', 'SqueezeExcite2d', 'excite']
+__all__ = ['DEFAULT_LATENT_CHANNELS', 'GATE_INITS', 'SqueezeExcite2d', 'block_params', 'excite']
+
+#: ``latent_channels`` where none is given: the SE modules', and the settings' default.
+DEFAULT_LATENT_CHANNELS = 64
 
 #: Accepted values of ``init``: ``'default'`` is the paper's block with PyTorch's
 #: default ``Linear`` initialisation; ``'identity'`` makes the block an exact identity
 #: at initialisation (see :class:`SqueezeExcite2d`).
 GATE_INITS = ('default', 'identity')
+
+
+def block_params(channels: int, latent_channels: int) -> int:
+    """The parameters of a block with ``C = channels`` and ``L = latent_channels``: ``2 * C * L + L + C``."""
+    return 2 * channels * latent_channels + latent_channels + channels
 
 
 def excite(squeezed: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from composer_se.layers.block import SqueezeExcite2d, convert_
+from composer_se.layers.block import DEFAULT_LATENT_CHANNELS, SqueezeExcite2d, convert_
 
 __all__ = ['SqueezeExciteConv2d']
 
@@ -25,13 +25,13 @@ class SqueezeExciteConv2d(nn.Conv2d):
 
     Args:
         *args: positional arguments of :class:`torch.nn.Conv2d`.
-        latent_channels (int): ``L``, the hidden width of the SE block. Default: ``64``.
+        latent_channels (int): ``L``, the SE block's hidden layer width. Default: ``64``.
         init (str, optional): the SE block's ``init``; see
             :class:`~composer_se.layers.SqueezeExcite2d`. Default: ``'default'``.
         **kwargs: keyword arguments of :class:`torch.nn.Conv2d`.
     """
 
-    def __init__(self, *args, latent_channels: int = 64, init: str = 'default', **kwargs):
+    def __init__(self, *args, latent_channels: int = DEFAULT_LATENT_CHANNELS, init: str = 'default', **kwargs):
         super().__init__(*args, **kwargs)
         self.se = SqueezeExcite2d(self.out_channels, latent_channels, init=init).to(
             device=self.weight.device,

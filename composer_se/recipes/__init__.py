@@ -5,7 +5,7 @@
 - :mod:`~composer_se.recipes.builders`: optimizer, scheduler, algorithms and loggers;
 - :mod:`~composer_se.recipes.models` and :mod:`~composer_se.recipes.data`: models by
   name, datasets and dataloaders;
-- :mod:`~composer_se.recipes.train`: recipe -> ``Trainer`` -> fit
+- :mod:`~composer_se.recipes.run`: recipe -> ``Trainer`` -> fit
   (``composer -m composer_se.train``);
 - :mod:`~composer_se.recipes.resume` and :mod:`~composer_se.recipes.safe_load`: safe
   checkpoint reading, checks against the model, autoresume after a kill;

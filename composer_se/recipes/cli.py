@@ -9,16 +9,14 @@ import sys
 from fractions import Fraction
 from typing import Optional
 
-from composer_se.plan import FORMATS, format_plan, plan_squeeze_excite
+from composer_se.checkpoints import CheckpointError
+from composer_se.plan import FORMATS, PLANNED, format_plan, plan_squeeze_excite
 from composer_se.recipes.config import ModelConfig, RecipeError, load_recipe
 from composer_se.settings import DEFAULTS, PLACEMENTS, SqueezeExciteSettings
-from composer_se.state_dicts import CheckpointError
 
 __all__ = ['main']
 
 DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
-#: The settings the command's flags can set (``init`` does not change a plan).
-PLANNED = ('latent_channels', 'min_channels', 'include', 'exclude', 'placement', 'fold_batchnorm')
 
 
 def _number(text: str) -> float:
@@ -36,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         'plan',
         help='show where SE blocks would go and what they would cost',
         description='Show one row per SE block that SqueezeExcite would add to MODEL (module, in->out channels, '
-        'feature map size, hidden width, parameters, FLOPs and activation bytes per image), totals against the '
+        'feature map size, latent channels, parameters, FLOPs and activation bytes per image), totals against the '
         'unmodified model, and how many blocks each min_channels would add. Options left out come from the '
         "recipe's squeeze_excite entry when MODEL is a recipe, else from SqueezeExcite's defaults.",
     )
@@ -47,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument('--num-classes', type=int, help='classifier outputs (default: the recipe\'s, else 1000 for '
                       'torchvision and timm models and 10 for CIFAR ResNets)')
     plan.add_argument('--latent-channels', type=_number,
-                      help=f'hidden width, or a fraction such as 1/16 (default {DEFAULTS.latent_channels})')
+                      help=f'width of each block\'s hidden layer, or a fraction of its channels such as 1/16 '
+                      f'(default {DEFAULTS.latent_channels})')
     plan.add_argument('--min-channels', type=int, help=f'minimum channels of a module that gets SE '
                       f'(default {DEFAULTS.min_channels})')
     plan.add_argument('--include', nargs='+', metavar='PATTERN', help='module-name patterns to restrict SE to')

@@ -13,31 +13,27 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from composer_se.gates import GateStatistics, gate_statistics
-from composer_se.recipes.config import RecipeError, load_recipe
+from composer_se.recipes.config import RecipeConfig, RecipeError, load_recipe
 from composer_se.settings import SqueezeExciteSettings
 
-__all__ = ['choose_blocks', 'draw', 'format_table', 'measure_recipe']
+__all__ = ['choose_blocks', 'draw', 'format_table', 'measure_recipe', 'recipe_se_model']
 
 
-def measure_recipe(recipe: str, overrides: Sequence[str], checkpoint: Optional[str], max_batches: int,
-                   batch_size: int) -> tuple[dict[str, GateStatistics], list[str]]:
-    """The gate statistics of ``recipe``'s SE model (with ``checkpoint``'s weights, else as initialised) on a
-    shuffled sample of ``max_batches`` batches of its evaluation split, and the class names."""
-    from composer_se.recipes.data.loaders import build_transform, image_dataset
+def recipe_se_model(recipe: str, config: RecipeConfig, checkpoint: Optional[str]) -> nn.Module:
+    """``recipe``'s model (a ``ComposerClassifier``) with its SE blocks, holding ``checkpoint``'s weights, else the
+    recipe's initial weights (seeded, the same on every call); a checkpoint of another model is a RecipeError."""
     from composer_se.recipes.models import build_model
     from composer_se.recipes.safe_load import model_state_of, read_checkpoint
     from composer_se.surgery import apply_squeeze_excite
 
-    config = load_recipe(recipe, overrides)
     se = config.algorithms.get('squeeze_excite')
     if se is None:
         raise RecipeError(f'{recipe}: the recipe adds no SE (algorithms.squeeze_excite), so there is no gate to show')
-    if config.data.source not in ('cifar10', 'imagefolder'):
-        raise RecipeError(f'composer-se gates reads data.source cifar10 or imagefolder, got {config.data.source!r}')
-    torch.manual_seed(config.seed)  # without a checkpoint, the recipe's initial weights, the same on every call
+    torch.manual_seed(config.seed)
     model = build_model(config.model)
     apply_squeeze_excite(model.module, settings=SqueezeExciteSettings(**se))
     if checkpoint is not None:
@@ -51,6 +47,19 @@ def measure_recipe(recipe: str, overrides: Sequence[str], checkpoint: Optional[s
         if missing or unexpected:
             raise RecipeError(f'{wrong}: {len(missing)} missing (first: {missing[:1]}), {len(unexpected)} unexpected '
                               f'(first: {unexpected[:1]}); was it trained with this recipe?')
+    return model
+
+
+def measure_recipe(recipe: str, overrides: Sequence[str], checkpoint: Optional[str], max_batches: int,
+                   batch_size: int) -> tuple[dict[str, GateStatistics], list[str]]:
+    """The gate statistics of ``recipe``'s SE model (with ``checkpoint``'s weights, else as initialised) on a
+    shuffled sample of ``max_batches`` batches of its evaluation split, and the class names."""
+    from composer_se.recipes.data.loaders import build_transform, image_dataset
+
+    config = load_recipe(recipe, overrides)
+    if config.data.source not in ('cifar10', 'imagefolder'):
+        raise RecipeError(f'composer-se gates reads data.source cifar10 or imagefolder, got {config.data.source!r}')
+    model = recipe_se_model(recipe, config, checkpoint)
     dataset = image_dataset(config.data, config.model.num_classes, False, config.seed,
                             build_transform(config.data.augmentation, config.data.image_size, False))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,  # the split is sorted by class

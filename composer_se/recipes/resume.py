@@ -2,7 +2,7 @@
 
 - :func:`composer_loads_safely` makes Composer's checkpoint loader read files with
   :func:`~composer_se.recipes.safe_load.read_checkpoint` and check their model state
-  against the model (:func:`~composer_se.state_dicts.check_model_state`, with advice in
+  against the model (:func:`~composer_se.checkpoints.check_model_state`, with advice in
   the recipe's terms), before any tensor is copied into the model. The recipe runner
   builds its ``Trainer`` inside it.
 - :func:`prepare_autoresume` makes a save folder that a killed run left behind
@@ -22,8 +22,9 @@ from typing import Iterator, Optional
 
 from torch import nn
 
+from composer_se.checkpoints import CheckpointError, Wording, check_model_state
+from composer_se.composer_plumbing.checkpoint_reader import composer_reads_checkpoints_with
 from composer_se.recipes.safe_load import model_state_of, read_checkpoint, saved_squeeze_excite
-from composer_se.state_dicts import CheckpointError, Wording, check_model_state
 
 __all__ = ['ORPHANS_FOLDER', 'RECIPE_WORDING', 'checkpoint_files', 'composer_loads_safely', 'prepare_autoresume']
 
@@ -56,28 +57,16 @@ def composer_loads_safely(model: nn.Module, *, source: str, current_call: Option
     (:func:`check_model_state`) before Composer copies anything into it. ``source``
     names the checkpoint in messages (Composer reads a temporary copy of it).
     """
-    from composer.utils import checkpoint as composer_checkpoint
 
-    original = getattr(composer_checkpoint, '_torch_load_with_validation', None)
-    if original is None:
-        raise RuntimeError('composer.utils.checkpoint._torch_load_with_validation is gone: this version of Composer '
-                           'is not one composer-se supports (mosaicml 0.32)')
-
-    def load(path, map_location='cpu'):
-        validate = getattr(composer_checkpoint, '_ensure_valid_checkpoint', None)
-        if validate is not None:  # Composer's own opt-in validation hook
-            validate(path)
+    def read(path, map_location):
         checkpoint = read_checkpoint(path, map_location, name=source)
         check_model_state(model_state_of(checkpoint, source), model, source=source,
                           saved_call=saved_squeeze_excite(checkpoint), current_call=current_call,
                           wording=RECIPE_WORDING)
         return checkpoint
 
-    composer_checkpoint._torch_load_with_validation = load
-    try:
+    with composer_reads_checkpoints_with(read):
         yield
-    finally:
-        composer_checkpoint._torch_load_with_validation = original
 
 
 def checkpoint_files(folder: str | os.PathLike) -> list[tuple[int, str]]:

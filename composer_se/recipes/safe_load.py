@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
-from composer_se.state_dicts import CheckpointError
+from composer_se.checkpoints import CheckpointError
+from composer_se.composer_plumbing.registration import call_in_repr
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -78,8 +79,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str = 'cpu', *, name:
         text = str(error)
         found = re.search(r'GLOBAL ([\w.]+)', text) or re.search(r"got <class '([\w.]+)'>", text)
         if found is None:  # not a pickle of objects at all: garbage, or cut short
-            reason = next((line.strip() for line in text.splitlines() if 'WeightsUnpickler error' in line),
-                          text.splitlines()[0] if text else 'no detail')
+            # torch's own line reads "... WeightsUnpickler error: <what>", after advice meant for torch's own bugs
+            line = next((line for line in text.splitlines() if 'WeightsUnpickler error:' in line), None)
+            reason = (line.split('WeightsUnpickler error:', 1)[1].strip() if line else
+                      text.splitlines()[0] if text else 'no detail')
             raise _damaged(shown, f'UnpicklingError: {reason}') from None
         raise CheckpointError(
             f'{shown} holds a reference to {found.group(1)}; loading it could run code from the file, so it is not '
@@ -108,6 +111,7 @@ def saved_squeeze_excite(checkpoint: Any) -> Optional[str]:
     for entry in algorithms if isinstance(algorithms, list) else []:
         text = entry[1].get('repr', '') if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(
             entry[1], dict) else ''
-        if isinstance(text, str) and text.startswith('composer_se.SqueezeExcite('):
-            return text[len('composer_se.'):]
+        call = call_in_repr(text)
+        if call is not None:
+            return call
     return None

@@ -1,5 +1,5 @@
-"""SE + BatchNorm under torch.compile (composer_se.batchnorm.compiled): sound operators, and graphs that hold the
-Triton kernels themselves, which Inductor can launch and capture in CUDA graphs.
+"""composer_se/batchnorm/compiled.py: SE + BatchNorm under torch.compile, sound operators, and graphs that hold
+the Triton kernels themselves, which Inductor can launch and capture in CUDA graphs.
 
 The graph tests run on CPU with the stand-in Triton driver of benchmarks/stand_in_driver.py,
 which compiles each kernel for an sm_90 GPU and runs each launch in Triton's interpreter:
@@ -28,9 +28,9 @@ pytest.importorskip('triton')
 FORWARD = {'conv': ['_channel_stats_kernel', '_gate_hidden_kernel', '_se_bn_forward_kernel', '_gate_affine_kernel'],
            'block': ['_channel_stats_kernel', '_bn_stats_kernel', '_gate_hidden_kernel', '_gate_affine_kernel']}
 BACKWARD = {'conv': ['_grad_sums_kernel', '_se_bn_backward_kernel', '_gate_hidden_backward_kernel',
-                     '_gate_input_backward_kernel', '_affine2_kernel'],
+                     '_gate_input_backward_kernel', '_affine_of_two_kernel'],
             'block': ['_grad_sums_kernel', '_bn_se_gate_grad_kernel', '_gate_hidden_backward_kernel',
-                      '_bn_se_backward_kernel', '_affine2_kernel']}
+                      '_bn_se_backward_kernel', '_affine_of_two_kernel']}
 #: Operations that wait for the device (a value read back to the host).
 SYNCS = {'aten._local_scalar_dense.default', 'aten.item.default', 'aten.nonzero.default', 'aten.is_nonzero.default',
          'aten.equal.default'}

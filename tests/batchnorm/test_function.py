@@ -1,4 +1,4 @@
-"""SE and a BatchNorm as one function (composer_se.batchnorm.function): its eager autograd function and its checks."""
+"""composer_se/batchnorm/function.py: SE and a BatchNorm as one function, its eager autograd function and checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Launch plans (composer_se.batchnorm.launch): from the second call of a shape on, each launch skips Triton's
+"""composer_se/batchnorm/launch.py: launch plans. From the second call of a shape on, each launch skips Triton's
 binding and specialising of its arguments and goes to the kernel Triton itself would have picked; where a plan cannot
 be trusted, Triton's own launch.
 

@@ -1,5 +1,5 @@
-"""The BatchNorms that apply an SE block in their own pass: the same numbers as the block and BatchNorm written
-plainly, in training and eval, and nothing of the activation's size kept for backward.
+"""composer_se/batchnorm/modules.py: the BatchNorms that apply an SE block in their own pass, the same numbers as
+the block and BatchNorm written plainly, in training and eval, and nothing of the activation's size kept for backward.
 
 Folded (SE then BatchNorm, after a conv) and at a residual branch's end (BatchNorm then SE, placement='block'). On
 CPU they run the torch passes; tests/batchnorm/test_triton_passes.py runs the same checks on the Triton kernels."""

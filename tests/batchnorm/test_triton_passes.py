@@ -1,4 +1,5 @@
-"""The Triton passes of composer_se.batchnorm, run on the CPU by Triton's interpreter, against float64.
+"""composer_se/batchnorm/triton_passes.py: the Triton passes, run on the CPU by Triton's interpreter, against
+float64.
 
 Triton reads ``TRITON_INTERPRET`` when it makes its kernels, so the checks run in a child
 process started with ``TRITON_INTERPRET=1`` (:func:`test_kernels_in_the_interpreter` runs

@@ -37,9 +37,26 @@ SHRINK = [
 ]
 
 
+def se_blocks(trainer) -> list[str]:
+    """The names of the modules that carry an SE block (convs, or BatchNorms for placement='block')."""
+    from composer_se.batchnorm import SqueezeExciteBatchNorm2d
+    from composer_se.layers import SqueezeExciteConv2d
+    return [name for name, m in trainer.state.model.named_modules()
+            if isinstance(m, (SqueezeExciteConv2d, SqueezeExciteBatchNorm2d))]
+
+
+def fit(recipe: str, *overrides: str):
+    """A Trainer for ``recipe`` shrunk by :data:`SHRINK` (and ``overrides``), after ``fit()``."""
+    from composer_se.recipes.config import load_recipe
+    from composer_se.recipes.run import build_trainer
+    trainer = build_trainer(load_recipe(recipe, [*SHRINK, *overrides]))
+    trainer.fit()
+    return trainer
+
+
 def run_main(*args: str) -> tuple[int, str, str]:
     """``composer_se.train.main`` on the demo recipe with ``args``, in this process: exit status, stdout and stderr."""
-    from composer_se.recipes.train import main
+    from composer_se.recipes.run import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = main([DEMO, *args])

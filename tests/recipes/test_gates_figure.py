@@ -1,4 +1,4 @@
-"""``composer-se gates``: the table and figure of a recipe's SE model, with a checkpoint's weights, and its errors."""
+"""composer_se/recipes/gates_figure.py: ``composer-se gates``, its table and figure, with a checkpoint, and errors."""
 
 from __future__ import annotations
 

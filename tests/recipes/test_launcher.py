@@ -1,4 +1,4 @@
-"""Runs through Composer's launcher in separate processes: two ranks, SIGKILL and autoresume, real data."""
+"""Across recipes/: runs through Composer's launcher in separate processes: two ranks, SIGKILL and autoresume, data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from composer_se.recipes.train import main
-from tests.recipes.helpers import DEMO, ROOT, SHRINK, finish, fingerprints, launch, write_mds
+from composer_se.recipes.run import main
+from tests.recipes.helpers import DEMO, ROOT, SHRINK, fingerprints, finish, launch, write_mds
 
 CIFAR_JPEG = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'eval_interval=1ep']

@@ -1,4 +1,4 @@
-"""What happens when something goes wrong: checkpoints, resuming, data, recipes, security.
+"""Across recipes/: what happens when something goes wrong: checkpoints, resuming, data, recipes, security.
 
 Each test backs a row of the README's "What happens when..." table. Runs are in-process
 (``composer_se.train.main``) on tiny synthetic data; the launcher tests kill real runs.
@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer_se.recipes.resume import ORPHANS_FOLDER
-from composer_se.recipes.safe_load import read_checkpoint
 from composer_se.recipes.config import DataConfig
 from composer_se.recipes.data.loaders import DataError, build_dataloader
-from composer_se.recipes.train import main
-from tests.recipes.helpers import (DEMO, FINAL_LINES, ROOT, SHRINK, error_line, killed_copy, run_main,
-                                   write_image_tree, write_mds)
+from composer_se.recipes.resume import ORPHANS_FOLDER
+from composer_se.recipes.run import main
+from composer_se.recipes.safe_load import read_checkpoint
+from tests.recipes.helpers import (DEMO, FINAL_LINES, ROOT, SHRINK, error_line, killed_copy, run_main, write_image_tree,
+                                   write_mds)
 
 #: resnet20 with SE (latent_channels=64, min_channels=64: 7 blocks), 8 batches an epoch, 2 epochs.
 TINY = [*SHRINK, 'model.name=resnet20', 'data.synthetic_train_samples=64', 'data.synthetic_eval_samples=64',

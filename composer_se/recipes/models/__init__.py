@@ -11,10 +11,10 @@ import torchvision
 from composer.models import ComposerClassifier
 from torch import nn
 
+from composer_se.checkpoints import CheckpointError
 from composer_se.recipes.config import ModelConfig, RecipeError
 from composer_se.recipes.models.cifar_resnet import DEPTHS, BasicBlock, CIFARResNet, cifar_resnet
 from composer_se.recipes.safe_load import read_checkpoint
-from composer_se.state_dicts import CheckpointError
 
 __all__ = ['TIMM_PREFIX', 'BasicBlock', 'CIFARResNet', 'build_model', 'build_skeleton', 'cifar_resnet', 'model_names']
 

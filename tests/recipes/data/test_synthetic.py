@@ -1,4 +1,4 @@
-"""SyntheticImages: deterministic, learnable data that needs no download."""
+"""composer_se/recipes/data/synthetic.py: deterministic, learnable data that needs no download."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""composer_se.fuse_for_inference: each conv takes the BatchNorm after it, SE kept, the eval output unchanged."""
+"""composer_se/inference/fuse.py: fuse_for_inference, each conv takes the BatchNorm after it, SE kept, the eval
+output unchanged."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from composer_se import apply_squeeze_excite, fuse_for_inference
 from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d, broken_folds
 from composer_se.inference import ChannelBias, fuse
 from composer_se.layers import SqueezeExcite2d
-from tests.zoo import (SE_MODELS, SeModel, close, first_output, folded_resnet18,  # noqa: F401 - one_thread
-                       one_thread, trained_looking)
+from tests.zoo import SE_MODELS, SeModel, close, first_output, folded_resnet18, one_thread, trained_looking  # noqa: F401 - one_thread
 
 
 @pytest.mark.parametrize('case', SE_MODELS, ids=str)

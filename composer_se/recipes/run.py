@@ -33,15 +33,14 @@ from composer import Trainer
 from composer.utils import dist, format_name_with_dist, reproducibility
 
 from composer_se.algorithm import SqueezeExcite
+from composer_se.checkpoints import CheckpointError
 from composer_se.layers import SqueezeExcite2d
-from composer_se.recipes.builders import (ALGORITHMS, build_algorithms, build_loggers, build_optimizer,
-                                         build_scheduler)
+from composer_se.recipes.builders import ALGORITHMS, build_algorithms, build_loggers, build_optimizer, build_scheduler
 from composer_se.recipes.config import RecipeConfig, RecipeError, load_recipe
 from composer_se.recipes.data.loaders import DataError, build_dataloader
 from composer_se.recipes.data.on_device import EpochFromTimestamp, build_device_dataloader, training_device
 from composer_se.recipes.models import build_model
 from composer_se.recipes.resume import checkpoint_files, composer_loads_safely, prepare_autoresume
-from composer_se.state_dicts import CheckpointError
 
 __all__ = ['build_trainer', 'main', 'weights_fingerprint']
 
@@ -129,7 +128,7 @@ def build_trainer(config: RecipeConfig) -> Trainer:
         train = build_dataloader(config.data, config.model.num_classes, True, config.global_batch_size, config.seed)
         evaluation = build_dataloader(config.data, config.model.num_classes, False, config.eval_batch_size, config.seed)
         callbacks = []
-    se = [repr(a).removeprefix('composer_se.') for a in algorithms if isinstance(a, SqueezeExcite)]
+    se = [a.settings.call() for a in algorithms if isinstance(a, SqueezeExcite)]
     try:
         optimizer = build_optimizer(config.optimizer, model)
         scheduler = build_scheduler(config.scheduler)

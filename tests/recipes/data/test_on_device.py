@@ -1,4 +1,4 @@
-"""data.on_device: images decoded once onto the training device, and batches made there (the CPU here)."""
+"""composer_se/recipes/data/on_device.py: images decoded once onto the training device, batches made there."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from composer_se.recipes.config import DataConfig, RecipeError, load_recipe
 from composer_se.recipes.data.loaders import NORMALIZATION, build_dataloader, read_image
 from composer_se.recipes.data.on_device import (DeviceBatches, build_device_dataloader, crop_and_flip, decode,
                                                 training_device)
-from composer_se.recipes.train import build_trainer
-from tests.recipes.helpers import (DEMO, FINAL_LINES, SHRINK, error_line, fingerprints, finish,
-                                   killed_copy, launch, run_main, write_image_tree)
+from composer_se.recipes.run import build_trainer
+from tests.recipes.helpers import (DEMO, FINAL_LINES, SHRINK, error_line, fingerprints, finish, killed_copy, launch,
+                                   run_main, write_image_tree)
 
 
 @pytest.fixture(scope='module')

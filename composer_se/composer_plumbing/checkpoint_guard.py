@@ -9,31 +9,14 @@ checkpoint records, so that its message can name both calls.
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable, Optional
 
-import composer.algorithms
 from torch import nn
 
-from composer_se.state_dicts import check_model_state
+from composer_se.checkpoints import check_model_state
+from composer_se.composer_plumbing.registration import register, registered_factory
 
-__all__ = ['CheckpointGuard', 'register_with_composer']
-
-#: The name under ``composer.algorithms`` that our algorithm's repr starts with.
-NAMESPACE = 'composer_se'
-
-
-def register_with_composer(factory: Callable[..., Any]) -> None:
-    """Makes Composer's checkpoint loader build our algorithm with ``factory``.
-
-    A Composer checkpoint lists its algorithms as ``(class __qualname__, {'repr': ...})``.
-    On load, for a name found in ``composer.algorithms`` whose class is
-    ``required_on_load`` (``SqueezeExcite`` is, Composer's own), Composer evaluates
-    ``'algorithms.' + repr``. Our repr is ``composer_se.SqueezeExcite(...)``, so this
-    puts ``factory`` at ``composer.algorithms.composer_se.SqueezeExcite``: Composer
-    builds *our* algorithm from our checkpoints, never its own.
-    """
-    setattr(composer.algorithms, NAMESPACE, types.SimpleNamespace(SqueezeExcite=factory))
+__all__ = ['CheckpointGuard']
 
 
 class CheckpointGuard:
@@ -41,7 +24,7 @@ class CheckpointGuard:
 
     The check is a ``load_state_dict`` pre-hook, so it runs before anything is copied:
     the model is left as it was. It compares with
-    :func:`~composer_se.state_dicts.find_mismatch` (``partial=True``): a state dict that
+    :func:`~composer_se.checkpoints.find_mismatch` (``partial=True``): a state dict that
     holds a module's weights must hold that module's SE block, with the same shapes,
     and may not bring SE blocks where the network has none.
 
@@ -56,21 +39,20 @@ class CheckpointGuard:
         self.current_call = current_call
         self.saved_call: Optional[str] = None  #: the call the checkpoint being loaded records, once Composer reads it
         self._handle = None
-        self._registered: Any = None
+        self._registered: Optional[Callable[..., Any]] = None  #: the factory to register again on disable
 
     def enable(self) -> None:
         """Installs the pre-hook, and wraps our factory under ``composer.algorithms`` to learn the saved call."""
         self.disable()
         self.saved_call = None
         self._handle = self.network.register_load_state_dict_pre_hook(self._check)
-        registered = getattr(composer.algorithms, NAMESPACE, None)
-        if registered is not None:
-            factory = registered.SqueezeExcite
+        factory = registered_factory()
+        if factory is not None:
             # A load that failed outside this guard (a missing file, a recipe's own check) never reaches
             # Event.AFTER_LOAD, so its guard's wrapper may still be registered: wrap the factory beneath it.
             while hasattr(factory, 'wrapped_factory'):
                 factory = factory.wrapped_factory
-            self._registered = types.SimpleNamespace(SqueezeExcite=factory)
+            self._registered = factory
 
             def recording_factory(*args, **kwargs):
                 algorithm = factory(*args, **kwargs)
@@ -78,7 +60,7 @@ class CheckpointGuard:
                 return algorithm
 
             recording_factory.wrapped_factory = factory
-            register_with_composer(recording_factory)
+            register(recording_factory)
 
     def disable(self) -> None:
         """Removes what :meth:`enable` installed; a guard not enabled is left as it is."""
@@ -86,7 +68,7 @@ class CheckpointGuard:
             self._handle.remove()
             self._handle = None
         if self._registered is not None:
-            setattr(composer.algorithms, NAMESPACE, self._registered)
+            register(self._registered)
             self._registered = None
 
     def _check(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -62,8 +62,17 @@ def _se_block_of(key: str, modules: Mapping[str, nn.Module]) -> Optional[str]:
     return None
 
 
+#: How messages name the root module, where it is itself a block's host (a lone conv with SE).
+ROOT_MODULE = '(the root module)'
+
+
 def _host(block: str) -> str:
-    return block.rsplit('.', 1)[0] if '.' in block else '(the root module)'
+    return block.rsplit('.', 1)[0] if '.' in block else ROOT_MODULE
+
+
+def _prefix(host: str) -> str:
+    """The prefix of the host module's state dict keys: ``'layer1.0.conv1.'``, or ``''`` for the root module."""
+    return '' if host == ROOT_MODULE else host + '.'
 
 
 def _shape(value: Any) -> str:
@@ -95,7 +104,7 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
     saved_blocks = {block for block in (_se_block_of(k, modules) for k in saved) if block is not None}
 
     def covered(block: str) -> bool:  # does `saved` hold the entries of the block's host module?
-        host = _host(block) + '.'
+        host = _prefix(_host(block))
         return any(k.startswith(host) and _se_block_of(k, modules) is None for k in saved)
 
     differences: list[tuple[Optional[str], str, str]] = []  # (SE block or None, key, detail)
@@ -115,7 +124,7 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
         if key in expected:
             continue
         block = _se_block_of(key, modules)
-        if block is not None and (not partial or _host(block) in modules):
+        if block is not None and (not partial or _prefix(_host(block))[:-1] in modules):
             detail = (f'the checkpoint has an SE block there ({_block_summary(saved, block)}) and the model has none'
                       if block not in blocks else f'the checkpoint has {key} {_shape(value)}, which the model lacks')
             differences.append((block, key, detail))

@@ -1,4 +1,5 @@
-"""composer_se.fold_static_gates: blocks whose gate is fixed on the data become a scale in the conv or BatchNorm."""
+"""composer_se/inference/static_gates.py: fold_static_gates, blocks whose gate is fixed on the data become a
+scale in the conv or BatchNorm."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from composer_se import apply_squeeze_excite, fold_static_gates, fuse_for_infere
 from composer_se.batchnorm import FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d
 from composer_se.inference import ChannelScale
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d
-from tests.zoo import (SE_MODELS, SeModel, close, first_output, folded_resnet18,  # noqa: F401 - one_thread
-                       one_thread, trained_looking)
+from tests.zoo import SE_MODELS, SeModel, close, first_output, folded_resnet18, one_thread, trained_looking  # noqa: F401 - one_thread
 
 
 def batches(size: int, count: int = 2, batch: int = 3, seed: int = 0) -> list[torch.Tensor]:

@@ -1,10 +1,9 @@
-"""The SqueezeExcite algorithm's checkpoint guard, through Composer's Trainer."""
+"""composer_se/composer_plumbing/checkpoint_guard.py: the SqueezeExcite algorithm's checkpoint guard, through
+Composer's Trainer."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import composer.algorithms
@@ -16,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_se import SqueezeExcite
-from composer_se.state_dicts import CheckpointError
+from composer_se.checkpoints import CheckpointError
 from tests.helpers import learnable_data, make_trainer, small_cnn
 
 
@@ -82,10 +81,15 @@ def test_a_load_that_fails_elsewhere_leaves_no_wrapper_behind_the_next_guard(tmp
     assert composer.algorithms.composer_se.SqueezeExcite is SqueezeExcite
 
 
-def test_a_checkpoint_saved_by_version_0_1_0_still_loads():
-    """``tests/data/se_small_cnn_v0.1.0.pt`` was saved by commit 647d801 (before the package was reorganised):
-    ``make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)], groups=True)`` after one epoch."""
-    path = Path(__file__).parent / 'data' / 'se_small_cnn_v0.1.0.pt'
+#: Checkpoints saved by earlier code, each by ``make_trainer([SqueezeExcite(latent_channels=4, min_channels=16)],
+#: groups=True)`` after one epoch: by version 0.1.0 (commit 647d801, before the package was first reorganised), and
+#: by commit d63d828 (main on 2026-12-03, before the Composer plumbing moved into composer_se/composer_plumbing/).
+EARLIER_CHECKPOINTS = ['se_small_cnn_v0.1.0.pt', 'se_small_cnn_d63d828.pt']
+
+
+@pytest.mark.parametrize('name', EARLIER_CHECKPOINTS)
+def test_a_checkpoint_saved_by_earlier_code_still_loads(name):
+    path = Path(__file__).parents[1] / 'data' / name
     saved = torch.load(path, weights_only=False)
     assert saved['state']['algorithms'][0][1]['repr'] == (
         "composer_se.SqueezeExcite(latent_channels=4, min_channels=16, include=(), exclude=(), init='default', "
@@ -97,16 +101,3 @@ def test_a_checkpoint_saved_by_version_0_1_0_still_loads():
     assert all(torch.equal(state[key], value) for key, value in saved['state']['model'].items())
     trainer.fit()  # and it trains on
     assert int(trainer.state.timestamp.epoch) == 2
-
-
-@pytest.mark.parametrize('order', ['composer_se first', 'composer first'])
-def test_composer_finds_our_algorithm_whichever_is_imported_first(order):
-    """In a fresh interpreter: importing composer_se before or after Composer, its checkpoints name our class."""
-    first, second = ('import composer_se', 'from composer import Trainer')
-    lines = [first, second] if order == 'composer_se first' else [second, first]
-    code = '; '.join(lines + ['import composer.algorithms as a',
-                              'print(a.composer_se.SqueezeExcite(latent_channels=4).__class__.__module__)'])
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == 'composer_se.algorithm'

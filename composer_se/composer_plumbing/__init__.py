@@ -1,0 +1,14 @@
+"""Everything in composer-se that knows how Composer works inside, in one place.
+
+- :mod:`~composer_se.composer_plumbing.registration`: the repr prefix our algorithm is
+  saved under (``composer_se.SqueezeExcite(...)``) and the entry under
+  ``composer.algorithms`` that lets Composer's checkpoint loader rebuild it;
+- :mod:`~composer_se.composer_plumbing.checkpoint_guard`: the algorithm's check of a
+  checkpoint's SE blocks while the Trainer loads it;
+- :mod:`~composer_se.composer_plumbing.checkpoint_reader`: the recipes' replacement
+  for the function Composer reads checkpoint files with;
+- :mod:`~composer_se.composer_plumbing.models`: the network inside a Composer model.
+
+Only the first three import Composer; ``models`` does not, so the torch-only surgery
+and planner can use it. This ``__init__`` imports nothing.
+"""

@@ -1,0 +1,86 @@
+"""composer_se/recipes/cli.py: the composer-se command (plan and its flags; gates is in test_gates_figure.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision
+
+from composer_se import apply_squeeze_excite
+from composer_se.plan import format_plan, plan_squeeze_excite
+from composer_se.recipes.cli import main
+from tests.recipes.helpers import ROOT
+
+
+def test_cli_plans_a_named_model_and_a_recipe(capsys):
+    assert main(['plan', 'resnet56', '--input-size', '32', '--min-channels', '64', '--latent-channels', '1/4']) == 0
+    out = capsys.readouterr().out
+    assert 'SE plan at 32x32' in out and '19 SE blocks add' in out and 'layer3.8.conv2' in out
+    assert main(['plan', str(ROOT / 'yamls' / 'resnet50_imagenet.yaml'), '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['input_size'] == [224, 224] and document['totals']['blocks'] == 22
+    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml')]) == 0
+    assert '16 SE blocks add 2,530,992 parameters' in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(['plan', 'resnet5O']) == 2
+    assert "unknown model.name 'resnet5O'" in capsys.readouterr().err
+    assert main(['plan', 'resnet20', '--latent-channels', '1.5']) == 2
+    assert 'latent_channels >= 1 must be a whole number' in capsys.readouterr().err
+    assert main(['plan', 'vgg11', '--placement', 'block']) == 2
+    assert 'placement="block" found no residual block' in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name('composer-se')
+    result = subprocess.run([str(script), 'plan', 'resnet20', '--input-size', '32', '--min-channels', '64',
+                             '--format', 'markdown'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '7 SE blocks add' in result.stdout
+
+
+def test_cli_flags_override_the_recipe(capsys):
+    assert main(['plan', str(ROOT / 'yamls' / 'se_resnet50_imagenet.yaml'), '--placement', 'conv', '--min-channels',
+                 '2048', '--input-size', '160', '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['settings']['placement'] == 'conv' and document['input_size'] == [160, 160]
+    assert [row['block']['name'] for row in document['rows']] == ['layer4.0.conv3', 'layer4.0.downsample.0', 'layer4.1.conv3',
+                                                         'layer4.2.conv3']
+    assert document['rows'][0]['feature_map'] == [5, 5]
+
+
+def test_the_plan_lists_what_surgery_skips_and_says_why(capsys):
+    model = torchvision.models.efficientnet_b0()
+    plan = plan_squeeze_excite(model, (64, 64), 8, 512)
+    report = apply_squeeze_excite(model, 8, 512)
+    assert plan.skipped == list(report.skipped) and len(plan.skipped) == 7
+    assert plan.skipped[0] == ('features.5.1.block.2.fc2', 'inside an SE or attention module (SqueezeExcitation)')
+    assert [row.block.name for row in plan.rows] == report.names
+    assert '| features.5.1.block.2.fc2 | inside an SE or attention module (SqueezeExcitation) |' in format_plan(
+        plan, 'markdown')
+    assert json.loads(format_plan(plan, 'json'))['skipped'][0] == {
+        'name': 'features.5.1.block.2.fc2', 'reason': 'inside an SE or attention module (SqueezeExcitation)'}
+    assert main(['plan', 'mobilenet_v3_small', '--min-channels', '512']) == 0
+    out = capsys.readouterr().out
+    assert '2 selected modules get no block:' in out
+    assert 'features.10.block.2.fc2  inside an SE or attention module (SqueezeExcitation)' in out
+
+
+def test_training_only_branches_are_planned_and_regnets_build_for_the_command(capsys):
+    # Inception v3's auxiliary classifier runs only in training, where SE trains; RegNets' constructors
+    # compute their widths from tensors, so the command builds them with real (CPU) weights.
+    model = torchvision.models.inception_v3(init_weights=False)
+    plan = plan_squeeze_excite(model, (299, 299), 64, 512)
+    assert [row.block.name for row in plan.rows] == ['AuxLogits.conv1.conv'] == apply_squeeze_excite(model, 64, 512).names
+    assert plan.rows[0].feature_map == (1, 1)
+    with pytest.raises(ValueError, match=r'Inception3 does not run on 64x64 images in training mode \(.*\); plan it '
+                       r'at another input size'):
+        plan_squeeze_excite(model, (64, 64), 64, 512)
+    assert main(['plan', 'regnet_y_400mf', '--min-channels', '440', '--format', 'json']) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document['totals']['blocks'] == 19 and len(document['skipped']) == 6
