@@ -14,8 +14,9 @@ The package has three layers:
 - :mod:`composer_se.recipes`: YAML recipes, run with ``composer -m composer_se.train``.
 
 The names below are loaded when first used: importing the package, or its torch-only
-layers (``import composer_se.layers``, or unpickling an SE model), imports neither
-Composer nor anything else.
+layers (``import composer_se.layers``, or unpickling an SE model), imports no Composer.
+Composer can rebuild our algorithm from a checkpoint once
+:class:`~composer_se.SqueezeExcite` has been imported.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Optional
 
 from composer.algorithms.warnings import NoEffectWarning as ComposerNoEffectWarning
@@ -15,7 +14,7 @@ from composer_se.composer_plumbing.checkpoint_guard import CheckpointGuard
 from composer_se.composer_plumbing.models import network_of
 from composer_se.composer_plumbing.registration import REPR_PREFIX, register
 from composer_se.settings import SqueezeExciteSettings, settings_from
-from composer_se.surgery import NoEffectWarning, apply_squeeze_excite
+from composer_se.surgery import add_squeeze_excite
 
 __all__ = ['SqueezeExcite']
 
@@ -143,13 +142,8 @@ class SqueezeExcite(Algorithm):
                 f'{", ".join(replacers)} comes after SqueezeExcite in the Trainer\'s algorithms. It replaces convs '
                 f'with new modules, which would silently drop SE blocks; list SqueezeExcite after it.',
             )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            report = apply_squeeze_excite(network_of(state.model), optimizers=state.optimizers, settings=self.settings)
-        for warning in caught:  # again, under the caller's filters; in a Trainer, "no effect" is Composer's warning
-            no_effect = issubclass(warning.category, NoEffectWarning)
-            category = ComposerNoEffectWarning if no_effect else warning.category
-            warnings.warn_explicit(str(warning.message), category, warning.filename, warning.lineno)
+        report = add_squeeze_excite(network_of(state.model), self.settings, state.optimizers,
+                                    no_effect=ComposerNoEffectWarning)  # in a Trainer, Composer's warning
         log.info(
             f'SqueezeExcite added {report.num_blocks} SE blocks ({report.num_params:,} parameters) to '
             f'{type(state.model).__name__} with {self!r}.',

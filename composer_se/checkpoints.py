@@ -80,7 +80,7 @@ def _shape(value: Any) -> str:
 
 
 def _block_summary(state: Mapping[str, Any], block: str) -> str:
-    """``'0.se.fc1.weight (4, 16)'``: the block's first matrix, which shows its width."""
+    """``'0.se.fc1.weight (4, 16)'``: the block's first matrix, whose shape shows its latent_channels."""
     entries = [(k, v) for k, v in state.items() if k.startswith(block + '.')]
     shown = next(((k, v) for k, v in entries if isinstance(v, torch.Tensor) and v.ndim >= 2), entries[0])
     return f'{shown[0]} {_shape(shown[1])}'
@@ -95,7 +95,7 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
     shapes, and it may not bring an SE block to a module of the model that has none.
     Differences are looked for in the model's order, then in the checkpoint's. The first
     difference outside SE blocks is reported where there is one: a model of another
-    architecture or width differs in its own layers, and its SE blocks differ only as a
+    architecture or other channel counts differs in its own layers, and its SE blocks differ only as a
     consequence. SE is named only where the two differ in their SE blocks alone.
     """
     modules = dict(model.named_modules())
@@ -120,11 +120,12 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
             differences.append((block, key, detail))
         elif block is None and not partial:
             differences.append((None, key, f'{key} {_shape(value)} is missing from the checkpoint'))
+    hosts = {*modules, ROOT_MODULE}  # where a block of the checkpoint may sit in the model
     for key, value in saved.items():
         if key in expected:
             continue
         block = _se_block_of(key, modules)
-        if block is not None and (not partial or _prefix(_host(block))[:-1] in modules):
+        if block is not None and (not partial or _host(block) in hosts):
             detail = (f'the checkpoint has an SE block there ({_block_summary(saved, block)}) and the model has none'
                       if block not in blocks else f'the checkpoint has {key} {_shape(value)}, which the model lacks')
             differences.append((block, key, detail))

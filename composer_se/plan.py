@@ -80,7 +80,7 @@ class Plan:
     model_flops: int  #: per image, as torch.utils.flop_counter counts them
     model_traffic_bytes: int  #: input + output bytes of every leaf module, per image
     largest_channels: int  #: the widest site (conv output or residual branch) in the model
-    #: min_channels -> (blocks, parameters added), for each distinct site width
+    #: min_channels -> (blocks, parameters added), for each distinct site channel count
     candidates: dict[int, tuple[int, int]] = field(default_factory=dict)
     settings: SqueezeExciteSettings = field(default_factory=SqueezeExciteSettings)
     #: (name, reason) of the modules that passed the channel and name rules but would get no block, as in
@@ -123,12 +123,12 @@ def plan_squeeze_excite(
     input_size: tuple[int, int] = (224, 224),
     latent_channels: float = UNSET,
     min_channels: int = UNSET,
+    *,
     include: Patterns = UNSET,
     exclude: Patterns = UNSET,
     init: str = UNSET,
     placement: str = UNSET,
     fold_batchnorm: bool = UNSET,
-    *,
     bytes_per_element: int = 4,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> Plan:
@@ -142,8 +142,9 @@ def plan_squeeze_excite(
     more than one value per channel); the figures are per image.
     ``bytes_per_element`` is 4 for fp32 activations, 2 for bf16 or fp16. The SE
     arguments are the fields of :class:`~composer_se.settings.SqueezeExciteSettings`, in
-    its order, which documents each, or all at once as ``settings`` (not both), as for
-    :func:`~composer_se.surgery.apply_squeeze_excite` (``init`` changes no cost).
+    its order, which documents each (the first two also by position), or all at once as
+    ``settings`` (not both), as for :func:`~composer_se.surgery.apply_squeeze_excite`
+    (``init`` changes no cost).
     """
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(f'input_size must be (height, width) with both >= 1, got {input_size!r}')
@@ -200,9 +201,9 @@ def plan_squeeze_excite(
             saved_bytes=0 if fused else feature_map,
         ))
 
-    # The same rules at each distinct site width as min_channels (patterns and existing blocks included):
+    # The same rules at each distinct site channel count as min_channels (patterns and existing blocks included):
     # select once with no channel bound; each threshold keeps the sites it qualifies. Convs inside the
-    # network's SE or attention modules never get a block, so their widths are no choice.
+    # network's SE or attention modules never get a block, so their channel counts are no choice.
     thresholds = sorted({site.channels for site in selection.sites if site.attention is None})
     unbounded = select_sites(meta, dataclasses.replace(settings, min_channels=1)).chosen
     candidates = {}

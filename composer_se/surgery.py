@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from composer_se.batchnorm import (FoldedSqueezeExciteBatchNorm2d, SqueezeExciteBatchNorm2d, fold_into_batch_norm_,
                                    fold_targets)
-from composer_se.composer_plumbing.models import network_of
+from composer_se.composer_plumbing.models import has_composers_squeeze_excite, network_of
 from composer_se.layers import SqueezeExcite2d, SqueezeExciteConv2d, block_params
 from composer_se.optimizer_groups import GroupTarget, as_optimizers, groups_for, join, param_index
 from composer_se.placement import Site, find_sites
@@ -43,6 +43,7 @@ __all__ = [
     'PreparedBlock',
     'Selection',
     'SqueezeExciteReport',
+    'add_squeeze_excite',
     'apply_squeeze_excite',
     'select_sites',
 ]
@@ -216,8 +217,7 @@ def select_sites(model: nn.Module, settings: SqueezeExciteSettings = DEFAULTS) -
         if settings.exclude and _matches(site.names, settings.exclude):
             continue
         name, module = site.names[0], site.module
-        # Composer's own SqueezeExciteConv2d marks the conv it wraps with _already_squeeze_excited.
-        if isinstance(module, _HAS_A_BLOCK) or getattr(module, '_already_squeeze_excited', False):
+        if isinstance(module, _HAS_A_BLOCK) or has_composers_squeeze_excite(module):
             selection.skipped.append((name, ALREADY_HAS_A_BLOCK))
             there = _block_there(module, settings, site.channels)
             if there is not None:
@@ -248,12 +248,12 @@ def apply_squeeze_excite(
     model: nn.Module,
     latent_channels: float = UNSET,
     min_channels: int = UNSET,
+    *,
     include: Patterns = UNSET,
     exclude: Patterns = UNSET,
     init: str = UNSET,
     placement: str = UNSET,
     fold_batchnorm: bool = UNSET,
-    *,
     optimizers: Union[Optimizer, Sequence[Optimizer], None] = None,
     settings: Optional[SqueezeExciteSettings] = None,
 ) -> SqueezeExciteReport:
@@ -300,9 +300,10 @@ def apply_squeeze_excite(
             ``torch.compile``.
         latent_channels, min_channels, include, exclude, init, placement, fold_batchnorm:
             the fields of :class:`~composer_se.settings.SqueezeExciteSettings`, in its
-            order, which documents each; or all of them at once as ``settings`` (not
-            both). A pattern that matches no module name at all is an error (it is
-            almost always a typo). Where ``fold_batchnorm`` folds a block, the conv
+            order, which documents each (the first two also by position, as in
+            Composer's function); or all of them at once as ``settings`` (not both).
+            A pattern that matches no module name at all is an error (it is almost
+            always a typo). Where ``fold_batchnorm`` folds a block, the conv
             module alone returns its output *before* SE (hooks on it see that); a model
             that does not trace with ``torch.fx`` gets no folding, and the report says
             why.
@@ -324,8 +325,9 @@ def apply_squeeze_excite(
         ValueError: a bad hyperparameter or placement, a pattern that matches nothing,
             ``placement='block'`` on a model without a registered residual block, or
             SE parameters with no param group to join.
-        TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``, or
-            optimizers were passed by position.
+        TypeError: ``model`` is wrapped in DDP, FSDP or ``torch.compile``, or is no
+            module; more than two SE arguments passed by position (the others, and
+            ``optimizers``, are keyword-only).
 
     Warns:
         NoEffectWarning: no block was added, and none of the selected modules had one
@@ -349,27 +351,26 @@ def apply_squeeze_excite(
         >>> paper.names[:2]
         ['layer1.0.bn2', 'layer1.1.bn2']
     """
+    settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
+                             exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
+    return add_squeeze_excite(model, settings, optimizers)
+
+
+def add_squeeze_excite(model: nn.Module, settings: SqueezeExciteSettings,
+                       optimizers: Union[Optimizer, Sequence[Optimizer], None] = None, *,
+                       no_effect: type[Warning] = NoEffectWarning) -> SqueezeExciteReport:
+    """:func:`apply_squeeze_excite` with the settings as one object, warning ``no_effect`` where it would warn
+    :class:`NoEffectWarning` (the :class:`~composer_se.SqueezeExcite` algorithm passes Composer's own)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f'apply_squeeze_excite takes the model as a torch.nn.Module, got {type(model).__name__}: '
                         f'{model!r:.80}')
-    if _is_optimizers(include):
-        raise TypeError('apply_squeeze_excite takes optimizers by keyword only (its positional arguments are the '
-                        'settings\' fields, in their order): apply_squeeze_excite(model, latent_channels, min_channels, '
-                        'optimizers=...)')
-    settings = settings_from(settings, latent_channels=latent_channels, min_channels=min_channels, include=include,
-                             exclude=exclude, init=init, placement=placement, fold_batchnorm=fold_batchnorm)
     selection = select_sites(model, settings)
     optimizers = as_optimizers(optimizers)
     _check_optimizers_hold_the_model(model, optimizers)
     prepared, fold_unavailable = _prepare(model, selection, settings, optimizers)
     for block in prepared:
         _commit(block)
-    return _report(prepared, selection, settings, fold_unavailable)
-
-
-def _is_optimizers(value: object) -> bool:
-    return isinstance(value, Optimizer) or (isinstance(value, (list, tuple)) and bool(value)
-                                            and all(isinstance(v, Optimizer) for v in value))
+    return _report(prepared, selection, settings, fold_unavailable, no_effect)
 
 
 def _check_optimizers_hold_the_model(model: nn.Module, optimizers: tuple[Optimizer, ...]) -> None:
@@ -429,7 +430,7 @@ def _commit(prepared: PreparedBlock) -> None:
 
 
 def _report(prepared: list[PreparedBlock], selection: Selection, settings: SqueezeExciteSettings,
-            fold_unavailable: Optional[str]) -> SqueezeExciteReport:
+            fold_unavailable: Optional[str], no_effect: type[Warning]) -> SqueezeExciteReport:
     """The report, and the warnings: skipped subclasses, no block added; none for a re-application."""
     reapplied = not prepared and any(reason == ALREADY_HAS_A_BLOCK for _, reason in selection.skipped)
     if selection.unsupported and not reapplied:
@@ -439,7 +440,7 @@ def _report(prepared: list[PreparedBlock], selection: Selection, settings: Squee
             UserWarning,
         )
     if not prepared and not reapplied:
-        warnings.warn(NoEffectWarning(_no_effect_message(selection, settings)))
+        warnings.warn(_no_effect_message(selection, settings), no_effect)
     if selection.others:
         shown = '; '.join(f'{name} has {there}' for name, there in selection.others[:3])
         more = f' (and {len(selection.others) - 3} more)' if len(selection.others) > 3 else ''
@@ -455,8 +456,8 @@ def _report(prepared: list[PreparedBlock], selection: Selection, settings: Squee
         example = wider[0]
         warnings.warn(
             f'latent_channels={settings.latent_channels} is more than the channels of {len(wider)} of the '
-            f'{len(prepared)} blocks (for example {example.name}: {example.latent_channels} hidden units for '
-            f'{example.out_channels} channels): their hidden layer is wider than what it squeezes. A fraction '
+            f'{len(prepared)} blocks (for example {example.name}: latent_channels={example.latent_channels} '
+            f'for {example.out_channels} channels): their hidden layer is wider than what it squeezes. A fraction '
             f'(latent_channels=1/16) scales it with each block.',
             UserWarning,
         )

@@ -153,7 +153,7 @@ PLUMBING = PACKAGE / 'composer_plumbing'
 #: What only code that knows Composer's inside writes: its private checkpoint reader and validation hook, the
 #: entry under composer.algorithms, and our algorithm's repr prefix as a literal.
 COMPOSER_INSIDE = ('_torch_load_with_validation', '_ensure_valid_checkpoint', 'composer.algorithms, ',
-                   "'composer_se.'", "'composer_se.SqueezeExcite(")
+                   "'composer_se.'", "'composer_se.SqueezeExcite(", '_already_squeeze_excited')
 
 
 def test_only_the_composer_plumbing_knows_composers_inside():

@@ -117,3 +117,27 @@ def test_block_rows_show_the_blocks_input_channels_and_the_papers_advice():
     rows = rows_by_name(plan)
     assert (rows['layer1.0.bn3'].block.in_channels, rows['layer2.0.bn3'].block.in_channels) == (64, 256)
     assert 'the paper puts SE on every residual block' in format_plan(plan)
+
+
+def test_the_plan_lists_what_surgery_skips_and_says_why():
+    model = torchvision.models.efficientnet_b0()
+    plan = plan_squeeze_excite(model, (64, 64), 8, 512)
+    report = apply_squeeze_excite(model, 8, 512)
+    assert plan.skipped == list(report.skipped) and len(plan.skipped) == 7
+    assert plan.skipped[0] == ('features.5.1.block.2.fc2', 'inside an SE or attention module (SqueezeExcitation)')
+    assert [row.block.name for row in plan.rows] == report.names
+    assert '| features.5.1.block.2.fc2 | inside an SE or attention module (SqueezeExcitation) |' in format_plan(
+        plan, 'markdown')
+    assert json.loads(format_plan(plan, 'json'))['skipped'][0] == {
+        'name': 'features.5.1.block.2.fc2', 'reason': 'inside an SE or attention module (SqueezeExcitation)'}
+
+
+def test_training_only_branches_are_planned():
+    # Inception v3's auxiliary classifier runs only in training, where SE trains.
+    model = torchvision.models.inception_v3(init_weights=False)
+    plan = plan_squeeze_excite(model, (299, 299), 64, 512)
+    assert [row.block.name for row in plan.rows] == ['AuxLogits.conv1.conv'] == apply_squeeze_excite(model, 64, 512).names
+    assert plan.rows[0].feature_map == (1, 1)
+    with pytest.raises(ValueError, match=r'Inception3 does not run on 64x64 images in training mode \(.*\); plan it '
+                       r'at another input size'):
+        plan_squeeze_excite(model, (64, 64), 64, 512)

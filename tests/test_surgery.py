@@ -12,7 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from composer_se import NoEffectWarning, SqueezeExcite, SqueezeExciteConv2d, apply_squeeze_excite
+from composer_se import (NoEffectWarning, SqueezeExcite, SqueezeExciteConv2d, apply_squeeze_excite,
+                         plan_squeeze_excite)
 from composer_se.settings import resolve_latent_channels
 from tests.helpers import no_decay_groups, small_cnn
 
@@ -122,23 +123,25 @@ def test_an_optimizer_of_another_model_is_an_error_and_changes_nothing():
     assert len(optimizer.param_groups[0]['params']) == 62
 
 
-@pytest.mark.parametrize('as_list', [False, True])
-def test_optimizers_by_position_are_a_type_error_that_says_to_name_them(as_list):
-    """The positional arguments are the settings' fields in their order; an optimizer where ``include`` goes is
-    refused with the call to make, before anything changes."""
+@pytest.mark.parametrize('third', ['optimizer', 'include'])
+def test_only_the_first_two_se_arguments_go_by_position(third):
+    """``apply_squeeze_excite(model, latent_channels, min_channels, ...)`` as in Composer; the other settings and the
+    optimizers are keyword-only, so a third positional argument (an optimizer, or a pattern meant for ``include``)
+    binds to nothing silently: it is a TypeError before anything changes."""
     model = torchvision.models.resnet18()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    value = torch.optim.SGD(model.parameters(), lr=0.1) if third == 'optimizer' else 'layer3'
     before = snapshot(model)
-    with pytest.raises(TypeError, match=r'takes optimizers by keyword only .* apply_squeeze_excite\(model, '
-                                        r'latent_channels, min_channels, optimizers=\.\.\.\)'):
-        apply_squeeze_excite(model, 16, 256, [optimizer] if as_list else optimizer)
+    with pytest.raises(TypeError, match=r'takes from 1 to 3 positional arguments but 4 were given'):
+        apply_squeeze_excite(model, 16, 256, value)
     assert_unchanged(model, before)
+    with pytest.raises(TypeError, match=r'takes from 1 to 4 positional arguments but 5 were given'):
+        plan_squeeze_excite(model, (32, 32), 16, 256, value)
 
 
 def test_a_latent_width_above_a_blocks_channels_warns_once_with_how_many():
     model = torchvision.models.resnet18()
     with pytest.warns(UserWarning, match=r'latent_channels=300 is more than the channels of 15 of the 20 blocks \('
-                                         r'for example conv1: 300 hidden units for 64 channels\)') as caught:
+                                         r'for example conv1: latent_channels=300 for 64 channels\)') as caught:
         apply_squeeze_excite(model, 300, 1)
     assert len([w for w in caught if 'latent_channels=300' in str(w.message)]) == 1
     with warnings.catch_warnings():

@@ -57,4 +57,3 @@ _CPU_DRIVER = [None, False]  # the active driver last asked, and whether it take
 # What torch.compiler.assume_constant_result does, without the import of torch._dynamo (and Triton) it makes: the
 # compiler calls the function once, as it traces, instead of tracing into it.
 triton_takes_cpu_tensors._dynamo_marked_constant = True
-

@@ -8,7 +8,7 @@ launch, which on a fast GPU costs more than the kernels themselves. A fused SE +
 BatchNorm call launches the same kernels with the same specialisation whenever its
 input has the same shape, strides and dtypes and its tensors are aligned, so
 :func:`launcher` keeps, per such *call key*, the compiled kernel of each launch
-(:class:`Plan`), and from the second call on hands the arguments straight to its
+(:class:`LaunchPlan`), and from the second call on hands the arguments straight to its
 launcher.
 
 The plan is used only where it is known to hold (:data:`PLANS_WORK`): a Triton version
@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import triton
 
-__all__ = ['PLANS_WORK', 'Plan', 'device_of', 'launcher', 'plain_launch', 'traced_launch']
+__all__ = ['LaunchPlan', 'PLANS_WORK', 'device_of', 'launcher', 'plain_launch', 'traced_launch']
 
 Launch = Callable[..., None]
 
@@ -54,7 +54,7 @@ PLANS_WORK = (CHECKED_TRITON[0] <= _VERSION < CHECKED_TRITON[1] and hasattr(_HOO
 MAX_PLANS = 1024
 
 
-class Plan:
+class LaunchPlan:
     """The compiled kernel of each launch of one call key, ``id(kernel) -> (launcher, function handle, metadata,
     compiled kernel)``, and the launch through it for the stream last used."""
 
@@ -70,7 +70,7 @@ class _PlannedLaunch:
 
     __slots__ = ('compiled', 'stream')
 
-    def __init__(self, plan: Plan, stream: int):
+    def __init__(self, plan: LaunchPlan, stream: int):
         self.compiled, self.stream = plan.compiled, stream
 
     def __call__(self, kernel, grid: tuple[int, int, int], *arguments) -> None:
@@ -130,7 +130,7 @@ def launcher(key: tuple, device: torch.device, external: Sequence[Optional[torch
     if plan is None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = Plan()
+        plan = _PLANS[key] = LaunchPlan()
     stream = _stream(device)
     if plan.launch is None or plan.launch.stream != stream:
         plan.launch = _PlannedLaunch(plan, stream)

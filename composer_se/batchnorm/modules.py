@@ -165,7 +165,8 @@ class SqueezeExciteBatchNorm2d(SqueezeExciteNorm):
 
     se_first = False
 
-    def __init__(self, num_features: int, latent_channels: int = DEFAULT_LATENT_CHANNELS, init: str = 'default', **kwargs):
+    def __init__(self, num_features: int, latent_channels: int = DEFAULT_LATENT_CHANNELS, init: str = 'default',
+                 **kwargs):
         super().__init__(num_features, **kwargs)
         self.se = SqueezeExcite2d(num_features, latent_channels, init=init).to(device=kwargs.get('device'),
                                                                                dtype=kwargs.get('dtype'))

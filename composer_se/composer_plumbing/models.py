@@ -1,4 +1,6 @@
-"""The network inside a Composer model, found without importing Composer."""
+"""What Composer's own modules look like from outside: the network inside its model, the conv its SE wraps.
+
+Neither imports Composer."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import sys
 
 from torch import nn
 
-__all__ = ['network_of']
+__all__ = ['has_composers_squeeze_excite', 'network_of']
 
 
 def network_of(model: nn.Module) -> nn.Module:
@@ -18,3 +20,11 @@ def network_of(model: nn.Module) -> nn.Module:
     models = sys.modules.get('composer.models')
     classifier = getattr(models, 'ComposerClassifier', None)
     return model.module if classifier is not None and isinstance(model, classifier) else model
+
+
+def has_composers_squeeze_excite(module: nn.Module) -> bool:
+    """Whether ``module`` is a conv that Composer's own ``SqueezeExciteConv2d`` already follows with SE.
+
+    Composer marks such a conv with the attribute ``_already_squeeze_excited``.
+    """
+    return bool(getattr(module, '_already_squeeze_excited', False))

@@ -7,15 +7,16 @@ On load, for a name found in ``composer.algorithms`` whose class is
 :data:`REPR_PREFIX` and :func:`register` puts our factory at
 ``composer.algorithms.composer_se.SqueezeExcite``: Composer rebuilds *our* algorithm
 from our checkpoints, never its own. :mod:`composer_se.algorithm` registers itself
-when it is imported.
+when it is imported. Composer is imported by :func:`register` and
+:func:`registered_factory`, not by this module: the prefix and :func:`call_in_repr` need
+only Python.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
 from typing import Any, Callable, Optional
-
-import composer.algorithms
 
 __all__ = ['NAMESPACE', 'REPR_PREFIX', 'call_in_repr', 'register', 'registered_factory']
 
@@ -25,14 +26,18 @@ NAMESPACE = 'composer_se'
 REPR_PREFIX = f'{NAMESPACE}.'
 
 
+def _algorithms():
+    return importlib.import_module('composer.algorithms')
+
+
 def register(factory: Callable[..., Any]) -> None:
     """Makes Composer's checkpoint loader build our algorithm with ``factory``."""
-    setattr(composer.algorithms, NAMESPACE, types.SimpleNamespace(SqueezeExcite=factory))
+    setattr(_algorithms(), NAMESPACE, types.SimpleNamespace(SqueezeExcite=factory))
 
 
 def registered_factory() -> Optional[Callable[..., Any]]:
     """The factory Composer's checkpoint loader would call now, or ``None`` before any :func:`register`."""
-    entry = getattr(composer.algorithms, NAMESPACE, None)
+    entry = getattr(_algorithms(), NAMESPACE, None)
     return None if entry is None else entry.SqueezeExcite
 
 

@@ -27,7 +27,8 @@ def recipe_se_model(recipe: str, config: RecipeConfig, checkpoint: Optional[str]
     """``recipe``'s model (a ``ComposerClassifier``) with its SE blocks, holding ``checkpoint``'s weights, else the
     recipe's initial weights (seeded, the same on every call); a checkpoint of another model is a RecipeError."""
     from composer_se.recipes.models import build_model
-    from composer_se.recipes.safe_load import model_state_of, read_checkpoint
+    from composer_se.composer_plumbing.checkpoint_format import model_state_of
+    from composer_se.recipes.safe_load import read_checkpoint
     from composer_se.surgery import apply_squeeze_excite
 
     se = config.algorithms.get('squeeze_excite')

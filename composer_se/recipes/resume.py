@@ -23,8 +23,9 @@ from typing import Iterator, Optional
 from torch import nn
 
 from composer_se.checkpoints import CheckpointError, Wording, check_model_state
+from composer_se.composer_plumbing.checkpoint_format import model_state_of, saved_squeeze_excite
 from composer_se.composer_plumbing.checkpoint_reader import composer_reads_checkpoints_with
-from composer_se.recipes.safe_load import model_state_of, read_checkpoint, saved_squeeze_excite
+from composer_se.recipes.safe_load import read_checkpoint
 
 __all__ = ['ORPHANS_FOLDER', 'RECIPE_WORDING', 'checkpoint_files', 'composer_loads_safely', 'prepare_autoresume']
 

@@ -16,21 +16,20 @@ import pickle
 import re
 import zipfile
 import zlib
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
 from composer_se.checkpoints import CheckpointError
-from composer_se.composer_plumbing.registration import call_in_repr
 
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
 
-__all__ = ['SAFE_GLOBALS', 'model_state_of', 'read_checkpoint', 'saved_squeeze_excite']
+__all__ = ['SAFE_GLOBALS', 'read_checkpoint']
 
 #: The non-tensor types a Composer checkpoint holds: numpy random states (arrays and
 #: their dtypes), wall-clock durations and torch's version string.
@@ -93,25 +92,3 @@ def read_checkpoint(path: str | os.PathLike, map_location: str = 'cpu', *, name:
     except Exception as error:  # torch reports damage as RuntimeError, EOFError, KeyError, ...
         reason = str(error).splitlines()[0] if str(error) else 'no detail'
         raise _damaged(shown, f'{type(error).__name__}: {reason}') from None
-
-
-def model_state_of(checkpoint: Any, name: str) -> Mapping[str, Any]:
-    """The model's state dict inside a Composer checkpoint."""
-    state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not isinstance(state.get('model'), Mapping):
-        keys = ', '.join(map(str, list(checkpoint)[:5])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f'{name} is not a Composer checkpoint: it has no state/model entry (found: {keys})')
-    return state['model']
-
-
-def saved_squeeze_excite(checkpoint: Any) -> Optional[str]:
-    """The ``SqueezeExcite(...)`` call that a Composer checkpoint records, or ``None`` when it has none."""
-    state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
-    algorithms = state.get('algorithms') if isinstance(state, dict) else None
-    for entry in algorithms if isinstance(algorithms, list) else []:
-        text = entry[1].get('repr', '') if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(
-            entry[1], dict) else ''
-        call = call_in_repr(text)
-        if call is not None:
-            return call
-    return None

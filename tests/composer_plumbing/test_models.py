@@ -1,4 +1,4 @@
-"""composer_se/composer_plumbing/models.py: the network inside a Composer model."""
+"""composer_se/composer_plumbing/models.py: the network inside a Composer model, the conv Composer's SE follows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from composer.models import ComposerClassifier, ComposerModel
 from torch import nn
 
-from composer_se.composer_plumbing.models import network_of
+from composer_se.composer_plumbing.models import has_composers_squeeze_excite, network_of
 from tests.helpers import small_cnn
 
 
@@ -43,3 +43,13 @@ def test_finding_the_network_never_imports_composer(monkeypatch):
     plain = nn.Linear(2, 2)
     assert network_of(plain) is plain
     assert 'composer.models' not in sys.modules
+
+
+def test_a_conv_that_composers_se_follows_is_recognised():
+    from composer.algorithms.squeeze_excite import apply_squeeze_excite as composer_apply_squeeze_excite
+    model = small_cnn()
+    composer_apply_squeeze_excite(model, latent_channels=4, min_channels=1)
+    marked = {name for name, module in model.named_modules() if has_composers_squeeze_excite(module)}
+    wrapped = {name + '.conv' for name, module in model.named_modules() if type(module).__name__ == 'SqueezeExciteConv2d'}
+    assert marked == wrapped and marked
+    assert not has_composers_squeeze_excite(nn.Conv2d(3, 8, 3))

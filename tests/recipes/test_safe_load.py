@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from composer_se.checkpoints import CheckpointError
-from composer_se.recipes.safe_load import model_state_of, read_checkpoint, saved_squeeze_excite
+from composer_se.recipes.safe_load import read_checkpoint
 
 OURS = ('SqueezeExcite', {'repr': 'composer_se.SqueezeExcite(latent_channels=4)'})
 
@@ -57,8 +57,7 @@ def test_a_saved_checkpoint_reads_back_with_the_values_composer_stores(tmp_path)
     assert checkpoint['rng'][0]['dtype'] == np.dtype('float32')
     np.testing.assert_array_equal(checkpoint['rng'][0]['numpy'][1], np.random.RandomState(0).get_state()[1])
     assert checkpoint['metadata']['torch_version'] == torch.__version__
-    assert model_state_of(checkpoint, 'x') is checkpoint['state']['model']
-    assert saved_squeeze_excite(checkpoint) == 'SqueezeExcite(latent_channels=4)'
+    assert checkpoint['state']['algorithms'] == [OURS]
 
 
 def test_a_file_cut_short_is_named_as_damaged(tmp_path):
@@ -109,27 +108,3 @@ def test_a_pickle_holding_another_class_is_refused_without_running_code(tmp_path
     text = str(caught.value)
     assert text.startswith('the checkpoint holds a reference to ') and f'.{named};' in text
     assert 'loading it could run code from the file' in text and 'damaged' not in text
-
-
-def test_model_state_of_a_file_that_is_not_a_composer_checkpoint_names_what_it_found():
-    assert model_state_of({'state': {'model': {'a': 1}}}, 'c') == {'a': 1}
-    with pytest.raises(CheckpointError, match=r'^weights.pt is not a Composer checkpoint: it has no state/model entry '
-                                              r'\(found: 0.weight, 0.bias\)$'):
-        model_state_of({'0.weight': torch.zeros(1), '0.bias': torch.zeros(1)}, 'weights.pt')
-    with pytest.raises(CheckpointError, match=r'\(found: list\)$'):
-        model_state_of([1, 2], 'weights.pt')
-    with pytest.raises(CheckpointError, match=r'\(found: state\)$'):
-        model_state_of({'state': {'model': 'not a state dict'}}, 'weights.pt')
-
-
-def test_saved_squeeze_excite_finds_our_call_and_nothing_else():
-    blur = ('BlurPool', {'repr': 'BlurPool(replace_convs=True)'})
-    assert saved_squeeze_excite(composer_checkpoint([blur, OURS])) == 'SqueezeExcite(latent_channels=4)'
-    composers_own = ('SqueezeExcite', {'repr': 'SqueezeExcite(latent_channels=64)'})
-    assert saved_squeeze_excite(composer_checkpoint([composers_own])) is None
-    assert saved_squeeze_excite(composer_checkpoint([blur])) is None
-    assert saved_squeeze_excite(composer_checkpoint([])) is None
-    assert saved_squeeze_excite(composer_checkpoint()) is None
-    assert saved_squeeze_excite(composer_checkpoint([('SqueezeExcite', 'composer_se.SqueezeExcite()')])) is None
-    assert saved_squeeze_excite({'weight': torch.zeros(1)}) is None
-    assert saved_squeeze_excite([OURS]) is None

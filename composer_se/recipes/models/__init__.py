@@ -12,6 +12,7 @@ from composer.models import ComposerClassifier
 from torch import nn
 
 from composer_se.checkpoints import CheckpointError
+from composer_se.composer_plumbing.checkpoint_format import CLASSIFIER_PREFIX, is_composer_checkpoint, model_state_of
 from composer_se.recipes.config import ModelConfig, RecipeError
 from composer_se.recipes.models.cifar_resnet import DEPTHS, BasicBlock, CIFARResNet, cifar_resnet
 from composer_se.recipes.safe_load import read_checkpoint
@@ -115,9 +116,8 @@ def _load_weights(module: nn.Module, path: str) -> None:
         raise RecipeError(str(error)) from None
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
-    elif isinstance(state, dict) and isinstance(state.get('state'), dict) and isinstance(state['state'].get('model'),
-                                                                                          dict):
-        state = {key.removeprefix('module.'): value for key, value in state['state']['model'].items()}
+    elif is_composer_checkpoint(state):
+        state = {key.removeprefix(CLASSIFIER_PREFIX): value for key, value in model_state_of(state, path).items()}
     if not isinstance(state, dict):
         raise RecipeError(f'model.weights file {path} holds a {type(state).__name__}, not a state dict')
     expected = module.state_dict()
