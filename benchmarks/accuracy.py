@@ -2,17 +2,26 @@
 
     python benchmarks/accuracy.py --archive cifar10-jpeg.tar.gz --out results/accuracy
     python benchmarks/accuracy.py --data /data/cifar10 --out results/accuracy --seeds 5 --parallel 3
+    python benchmarks/accuracy.py --archive cifar10-jpeg.tar.gz --out results/accuracy --arms baseline,se,paper
     python benchmarks/accuracy.py --dry-run --out /tmp/accuracy    # the whole pipeline at toy size, on CPU
 
 The data is CIFAR-10 as a folder of images (``train/<class>/*.jpg``, ``test/<class>/*.jpg``):
 ``--data`` names the folder, ``--archive`` a ``.tar.gz`` of it, unpacked into a temporary
 folder that is removed at the end. Each run is ``python -m composer_se.train RECIPE
 data.root=... seed=S run_name=ARM-seedS loggers.progress_bar=false [overrides]`` in its own
-process, for ``yamls/resnet56_cifar10_fast.yaml`` (SE) and
-``yamls/resnet56_cifar10_fast_baseline.yaml``, with the same seeds ``0 .. K-1`` for both
-arms, launched in the order seed 0 SE, seed 0 baseline, seed 1 SE, ... and ``--parallel``
-at a time (default: all at once on a GPU and for ``--dry-run``, one at a time on the CPU). Every run that
-finishes is reported; none is left out or stopped early for its accuracy.
+process, for the arms ``--arms`` names (default ``baseline,se``), with the same seeds
+``0 .. K-1`` for each:
+
+- ``baseline``: ``yamls/resnet56_cifar10_fast_baseline.yaml``, no SE;
+- ``se``: ``yamls/resnet56_cifar10_fast.yaml``, SE after the last stage's 19 convs;
+- ``paper``: ``yamls/resnet56_cifar10_fast_paper.yaml``, SE at the end of every residual
+  branch with a reduction ratio of 16, as the SENet paper's CIFAR ResNets have it.
+
+Runs are launched seed by seed (seed 0 of every arm, then seed 1, ...), ``--parallel`` at a
+time (default: all at once on a GPU and for ``--dry-run``, one at a time on the CPU).
+``--compile MODE`` trains every arm under ``torch.compile`` (``compile.mode=MODE``, Inductor);
+by default the recipes' own setting holds (eager). Every run that finishes is reported;
+none is left out or stopped early for its accuracy.
 
 ``--time-limit`` stops launching runs once that many seconds have passed since the first
 launch, and kills the runs still going at that moment: they are reported as unfinished,
@@ -20,7 +29,8 @@ never as results. A run that fails is named with its exit status and error line,
 table is written all the same.
 
 Output, in ``--out``: ``results.md`` (top-1 per seed, mean and standard deviation per arm,
-SE minus baseline with a 95% confidence interval from Welch's t, time per epoch per arm),
+each SE arm minus the baseline with a 95% confidence interval from Welch's t, time per
+epoch per arm),
 ``results.json`` (all of it, with every run's evaluation curve), ``accuracy_vs_time.png``
 (evaluation accuracy against seconds since each run's launch; needs matplotlib, as in
 ``pip install 'composer-se[bench]'``) and ``logs/ARM-seedS.log`` (each run's output; ``--logs``
@@ -58,12 +68,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from composer_se.recipes.config import RecipeError, load_recipe  # noqa: E402
+from composer_se.recipes.config import COMPILE_MODES, RecipeError, load_recipe  # noqa: E402
 
+#: Each arm's recipe, in the order the table shows them; the baseline is the one the others are compared with.
 ARMS = {
-    'se': ROOT / 'yamls' / 'resnet56_cifar10_fast.yaml',
     'baseline': ROOT / 'yamls' / 'resnet56_cifar10_fast_baseline.yaml',
+    'se': ROOT / 'yamls' / 'resnet56_cifar10_fast.yaml',
+    'paper': ROOT / 'yamls' / 'resnet56_cifar10_fast_paper.yaml',
 }
+BASELINE = 'baseline'
+DEFAULT_ARMS = ('baseline', 'se')
+#: How the table and the plot name each arm.
+LABELS = {'baseline': 'baseline', 'se': 'SE', 'paper': 'SE, paper placement'}
+COLOURS = {'baseline': 'tab:blue', 'se': 'tab:orange', 'paper': 'tab:green'}
 #: --dry-run: ResNet-20 for one epoch of a few hundred images, on the CPU.
 DRY_RUN = ['model.name=resnet20', 'device=cpu', 'data.num_workers=0', 'data.max_train_samples=200',
            'data.max_eval_samples=50', 'global_batch_size=32', 'eval_batch_size=50']
@@ -313,22 +330,35 @@ def run_all(runs: list[Run], parallel: int, time_limit: Optional[float], env: di
 # --- report -----------------------------------------------------------------------------------------------------
 
 
-def summarise(runs: list[Run]) -> dict:
-    arms = {}
-    for arm in ARMS:
-        done = [run for run in runs if run.arm == arm and run.status == 'finished']
-        top1 = [run.top1 for run in done]
-        paces = [run.seconds_per_epoch for run in done if run.seconds_per_epoch]
-        arms[arm] = {
-            'finished': len(done),
-            'mean': statistics.mean(top1) if top1 else None,
-            'sd': statistics.stdev(top1) if len(top1) > 1 else None,
+def parse_arms(text: str) -> list[str]:
+    """``'baseline,se'`` -> the arms in :data:`ARMS` order; a ValueError names an unknown arm or a missing baseline."""
+    names = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        raise ValueError(f'unknown arm {unknown[0]!r}; choose from {", ".join(ARMS)}')
+    if BASELINE not in names or len(set(names)) < 2:
+        raise ValueError(f'the arms must be {BASELINE!r} and at least one SE arm ({", ".join(ARMS)}), got {text!r}')
+    return [arm for arm in ARMS if arm in names]
+
+
+def summarise(runs: list[Run], arms: list[str]) -> dict:
+    """Per arm: finished runs, mean and standard deviation of top-1, time per epoch; each other arm minus the
+    baseline, with Welch's interval where both have at least two finished runs."""
+    top1 = {arm: [run.top1 for run in runs if run.arm == arm and run.status == 'finished'] for arm in arms}
+    summary = {}
+    for arm in arms:
+        paces = [run.seconds_per_epoch for run in runs if run.arm == arm and run.status == 'finished' and
+                 run.seconds_per_epoch]
+        summary[arm] = {
+            'finished': len(top1[arm]),
+            'mean': statistics.mean(top1[arm]) if top1[arm] else None,
+            'sd': statistics.stdev(top1[arm]) if len(top1[arm]) > 1 else None,
             'seconds_per_epoch': statistics.mean(paces) if paces else None,
         }
-    se = [run.top1 for run in runs if run.arm == 'se' and run.status == 'finished']
-    baseline = [run.top1 for run in runs if run.arm == 'baseline' and run.status == 'finished']
-    difference = welch_interval(se, baseline) if len(se) > 1 and len(baseline) > 1 else None
-    return {'arms': arms, 'se_minus_baseline': difference}
+    baseline = top1[BASELINE]
+    versus = {arm: welch_interval(top1[arm], baseline) if len(top1[arm]) > 1 and len(baseline) > 1 else None
+              for arm in arms if arm != BASELINE}
+    return {'arms': summary, 'versus_baseline': versus}
 
 
 def _percent(value: Optional[float]) -> str:
@@ -336,33 +366,38 @@ def _percent(value: Optional[float]) -> str:
 
 
 def markdown(report: dict, runs: list[Run]) -> str:
-    arms, difference = report['summary']['arms'], report['summary']['se_minus_baseline']
+    names, summary = report['arms'], report['summary']['arms']
+
+    def row(first: str, cells: list[str]) -> str:
+        return f'| {first} | ' + ' | '.join(cells) + ' |'
+
+    compile_mode = report['compile'] or 'eager'
     lines = [
         '# SE against its baseline: ResNet-56 on CIFAR-10, fast recipes', '',
         f'{len(report["seeds"])} seeds per arm ({", ".join(map(str, report["seeds"]))}), '
-        f'{report["max_duration"]}, {report["parallel"]} run(s) at a time on {report["device"]}; torch '
-        f'{report["torch"]}, Composer {report["composer"]}, {report["date"]}, commit {report["commit"]}.', '',
+        f'{report["max_duration"]}, {compile_mode}, {report["parallel"]} run(s) at a time on {report["device"]}; '
+        f'torch {report["torch"]}, Composer {report["composer"]}, {report["date"]}, commit {report["commit"]}.', '',
         f'    {report["command"]}', '',
-        '| seed | baseline top-1 | SE top-1 |', '|---|---|---|',
+        row('seed', [f'{LABELS[arm]} top-1' for arm in names]), '|---|' + '---|' * len(names),
     ]
     by_key = {(run.arm, run.seed): run for run in runs}
     for seed in report['seeds']:
-        cells = [_percent(by_key[arm, seed].top1) if by_key[arm, seed].status == 'finished' else
-                 by_key[arm, seed].status for arm in ('baseline', 'se')]
-        lines.append(f'| {seed} | {cells[0]} | {cells[1]} |')
-    spread = [f'{_percent(arms[arm]["mean"])} ± {arms[arm]["sd"]:.2f}' if arms[arm]['sd'] is not None else
-              _percent(arms[arm]['mean']) for arm in ('baseline', 'se')]
-    lines.append(f'| mean ± sd ({arms["baseline"]["finished"]} and {arms["se"]["finished"]} runs) | {spread[0]} | '
-                 f'{spread[1]} |')
-    paces = ['n/a' if arms[arm]['seconds_per_epoch'] is None else f'{arms[arm]["seconds_per_epoch"]:.2f} s'
-             for arm in ('baseline', 'se')]
-    lines += [f'| time per epoch | {paces[0]} | {paces[1]} |', '']
-    if difference is None:
-        lines.append('SE − baseline: n/a (needs at least 2 finished runs per arm).')
-    else:
-        freedom = 'no spread' if difference['df'] is None else f'{difference["df"]:.1f} degrees of freedom'
-        lines.append(f'SE − baseline: {difference["difference"]:+.2f} points of top-1, 95% confidence interval '
-                     f'[{difference["low"]:+.2f}, {difference["high"]:+.2f}] (Welch\'s t, {freedom}).')
+        lines.append(row(str(seed), [_percent(by_key[arm, seed].top1) if by_key[arm, seed].status == 'finished' else
+                                     by_key[arm, seed].status for arm in names]))
+    spread = [f'{_percent(summary[arm]["mean"])} ± {summary[arm]["sd"]:.2f}' if summary[arm]['sd'] is not None else
+              _percent(summary[arm]['mean']) for arm in names]
+    counts = ', '.join(str(summary[arm]['finished']) for arm in names)
+    lines.append(row(f'mean ± sd ({counts} runs)', spread))
+    paces = ['n/a' if summary[arm]['seconds_per_epoch'] is None else f'{summary[arm]["seconds_per_epoch"]:.2f} s'
+             for arm in names]
+    lines += [row('time per epoch', paces), '']
+    for arm, difference in report['summary']['versus_baseline'].items():
+        if difference is None:
+            lines.append(f'{LABELS[arm]} − baseline: n/a (needs at least 2 finished runs per arm).')
+        else:
+            freedom = 'no spread' if difference['df'] is None else f'{difference["df"]:.1f} degrees of freedom'
+            lines.append(f'{LABELS[arm]} − baseline: {difference["difference"]:+.2f} points of top-1, 95% confidence '
+                         f'interval [{difference["low"]:+.2f}, {difference["high"]:+.2f}] (Welch\'s t, {freedom}).')
     lines += ['', 'Standard deviations are over seeds (n − 1); time per epoch is from the start of fit to the last '
               'evaluation, over the epochs, with the runs side by side sharing the device.']
     missing = [run for run in runs if run.status != 'finished']
@@ -377,13 +412,12 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    colours = {'baseline': 'tab:blue', 'se': 'tab:orange'}
-    for arm, colour in colours.items():
+    for arm, colour in COLOURS.items():
         labelled = False
         for run in runs:
             if run.arm == arm and run.curve:
                 axes.plot([point['seconds'] for point in run.curve], [point['top1'] for point in run.curve],
-                          color=colour, alpha=0.8, marker='.', label=None if labelled else arm)
+                          color=colour, alpha=0.8, marker='.', label=None if labelled else LABELS[arm])
                 labelled = True
     axes.set_xlabel('seconds since the run was launched')
     axes.set_ylabel('evaluation top-1 (%)')
@@ -427,13 +461,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     source.add_argument('--archive', type=Path, help='a .tar.gz of that folder, unpacked into a temporary folder')
     parser.add_argument('--out', type=Path, required=True, help='folder for the table, JSON, plot and logs')
     parser.add_argument('--logs', type=Path, help='folder for the runs\' logs (default: OUT/logs)')
-    parser.add_argument('--seeds', type=int, help='seeds per arm, 0 .. K-1, the same for both (default 3; 2 with '
-                        '--dry-run)')
+    parser.add_argument('--arms', default=','.join(DEFAULT_ARMS),
+                        help=f'the arms, comma-separated: baseline and one or more of {", ".join(ARMS)} '
+                        f'(default {",".join(DEFAULT_ARMS)})')
+    parser.add_argument('--seeds', type=int, help='seeds per arm, 0 .. K-1, the same for every arm (default 3; 2 '
+                        'with --dry-run)')
+    parser.add_argument('--compile', choices=COMPILE_MODES, metavar='MODE',
+                        help=f'train every arm under torch.compile with this mode ({", ".join(COMPILE_MODES)}); '
+                        'default: as the recipes say (eager)')
     parser.add_argument('--parallel', type=int, help='runs at a time (default: all on a GPU and with --dry-run, 1 on '
                         'the CPU)')
     parser.add_argument('--epochs', type=int, help='train this many epochs instead of the recipe\'s (max_duration)')
     parser.add_argument('--extra', action='append', default=[], metavar='KEY=VALUE',
-                        help='a recipe override for both arms; repeat it for more')
+                        help='a recipe override for every arm; repeat it for more')
     parser.add_argument('--time-limit', type=float, metavar='SECONDS',
                         help='launch no run after this many seconds, and kill the runs still going then')
     parser.add_argument('--dry-run', action='store_true', help='ResNet-20, 1 epoch, 2 seeds, a few hundred images, '
@@ -450,14 +490,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f'{name} must be at least 1, got {value}')
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f'--time-limit must be a positive number of seconds, got {args.time_limit:g}')
+    try:
+        arms = parse_arms(args.arms)
+    except ValueError as error:
+        parser.error(f'--arms: {error}')
     seeds = list(range(args.seeds or (2 if args.dry_run else 3)))
     overrides = [*(DRY_RUN if args.dry_run else []), 'loggers.progress_bar=false']
     epochs = args.epochs or (1 if args.dry_run else None)
     if epochs:
         overrides.append(f'max_duration={epochs}ep')
+    if args.compile:
+        overrides.append(f'compile.mode={args.compile}')
     overrides += args.extra
     on_gpu = torch.cuda.is_available() and not args.dry_run
-    parallel = args.parallel or (2 * len(seeds) if on_gpu or args.dry_run else 1)
+    parallel = args.parallel or (len(arms) * len(seeds) if on_gpu or args.dry_run else 1)
 
     args.out.mkdir(parents=True, exist_ok=True)
     logs = args.logs or args.out / 'logs'
@@ -472,13 +518,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             root = write_toy_images(scratch / 'cifar10', DRY_RUN_IMAGES)
         common = [f'data.root={root}', *overrides]
         try:
-            configs = {arm: load_recipe(recipe, common) for arm, recipe in ARMS.items()}
+            configs = {arm: load_recipe(ARMS[arm], common) for arm in arms}
         except RecipeError as error:
             raise SystemExit(f'benchmarks/accuracy.py: {error}') from None
         runs = [
             Run(arm, seed, [sys.executable, '-m', 'composer_se.train', str(ARMS[arm]), f'seed={seed}',
                             f'run_name={arm}-seed{seed}', *common], str(logs / f'{arm}-seed{seed}.log'))
-            for seed in seeds for arm in ARMS
+            for seed in seeds for arm in arms
         ]
         env = dict(os.environ, PYTHONUNBUFFERED='1')
         env.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // parallel)))
@@ -496,15 +542,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         'python': platform.python_version(),
         'commit': _commit(),
         'command': ' '.join(['python', 'benchmarks/accuracy.py', *(argv if argv is not None else sys.argv[1:])]),
-        'recipes': {arm: str(path.relative_to(ROOT)) for arm, path in ARMS.items()},
+        'arms': arms,
+        'recipes': {arm: str(ARMS[arm].relative_to(ROOT)) for arm in arms},
         'overrides': overrides,
-        'max_duration': configs['se'].max_duration,
+        'compile': args.compile,
+        'max_duration': configs[BASELINE].max_duration,
         'seeds': seeds,
         'parallel': parallel,
         'time_limit_s': args.time_limit,
         'runs': [asdict(run) for run in runs],
     }
-    report['summary'] = summarise(runs)
+    report['summary'] = summarise(runs, arms)
     (args.out / 'results.json').write_text(json.dumps(report, indent=2) + '\n')
     (args.out / 'results.md').write_text(markdown(report, runs))
     if not args.no_plot:

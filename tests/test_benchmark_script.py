@@ -131,7 +131,7 @@ def test_accuracy_dry_run_writes_the_table_json_plot_and_logs(tmp_path):
     report = json.loads((tmp_path / 'results.json').read_text())
     runs = report['runs']
     assert [(run['arm'], run['seed'], run['status']) for run in runs] == [
-        ('se', 0, 'finished'), ('baseline', 0, 'finished'), ('se', 1, 'finished'), ('baseline', 1, 'finished')
+        ('baseline', 0, 'finished'), ('se', 0, 'finished'), ('baseline', 1, 'finished'), ('se', 1, 'finished')
     ]
     for run in runs:
         assert 0 <= run['top1'] <= 100 and run['epochs'] == 1 and run['seconds_per_epoch'] > 0
@@ -142,7 +142,8 @@ def test_accuracy_dry_run_writes_the_table_json_plot_and_logs(tmp_path):
     assert report['torch'] == torch.__version__ and report['device'].startswith('CPU') and report['date']
     summary = report['summary']
     assert summary['arms']['se']['finished'] == summary['arms']['baseline']['finished'] == 2
-    difference = summary['se_minus_baseline']
+    assert list(summary['versus_baseline']) == ['se'] and report['compile'] is None
+    difference = summary['versus_baseline']['se']
     assert difference['low'] <= difference['difference'] <= difference['high']
     table = (tmp_path / 'results.md').read_text()
     assert '| seed | baseline top-1 | SE top-1 |' in table and '| 1 | ' in table and "(Welch's t, " in table
@@ -151,16 +152,20 @@ def test_accuracy_dry_run_writes_the_table_json_plot_and_logs(tmp_path):
 
 def test_accuracy_reports_failed_and_unfinished_runs_and_never_their_accuracy(tmp_path):
     failed = accuracy_script('--dry-run', '--seeds', '1', '--no-plot', '--extra', 'data.eval_split=missing', '--out',
-                             str(tmp_path / 'failed'), '--logs', str(tmp_path / 'logs'))
+                             str(tmp_path / 'failed'), '--logs', str(tmp_path / 'logs'), '--arms', 'paper,baseline',
+                             '--compile', 'reduce-overhead')
     assert failed.returncode == 1, failed.stderr[-3000:]
     report = json.loads((tmp_path / 'failed' / 'results.json').read_text())
-    assert [run['status'] for run in report['runs']] == ['failed', 'failed']
+    assert [(run['arm'], run['status']) for run in report['runs']] == [('baseline', 'failed'), ('paper', 'failed')]
+    assert report['compile'] == 'reduce-overhead' and report['recipes']['paper'].endswith('fast_paper.yaml')
     for run in report['runs']:
         assert 'missing does not exist' in run['error'] and run['top1'] is None
         assert Path(run['log']).parent == tmp_path / 'logs' and 'missing does not exist' in run['log_tail'][-1]
+        assert 'compile.mode=reduce-overhead' in run['command']
     table = (tmp_path / 'failed' / 'results.md').read_text()
-    assert '| 0 | failed | failed |' in table and 'SE − baseline: n/a' in table
-    assert '- se-seed0: failed: split folder ' in table
+    assert '| seed | baseline top-1 | SE, paper placement top-1 |' in table and '| 0 | failed | failed |' in table
+    assert 'SE, paper placement − baseline: n/a' in table and 'reduce-overhead' in table
+    assert '- paper-seed0: failed: split folder ' in table
 
     stopped = accuracy_script('--dry-run', '--seeds', '2', '--parallel', '2', '--no-plot', '--time-limit', '1', '--out',
                               str(tmp_path / 'stopped'))
@@ -169,8 +174,17 @@ def test_accuracy_reports_failed_and_unfinished_runs_and_never_their_accuracy(tm
     assert [run['status'] for run in report['runs']] == ['unfinished', 'unfinished', 'not started', 'not started']
     assert all(run['top1'] is None for run in report['runs'])
     table = (tmp_path / 'stopped' / 'results.md').read_text()
-    assert 'se-seed0: unfinished: killed at the 1 s time limit' in table
+    assert 'baseline-seed0: unfinished: killed at the 1 s time limit' in table
     assert 'se-seed1: not started: not launched: the 1 s time limit had passed' in table
+
+
+@pytest.mark.parametrize('arms, message', [('se', "the arms must be 'baseline' and at least one SE arm"),
+                                           ('baseline', "the arms must be 'baseline' and at least one SE arm"),
+                                           ('baseline,senet', "unknown arm 'senet'; choose from baseline, se, paper")])
+def test_accuracy_refuses_arms_it_cannot_compare(tmp_path, arms, message):
+    refused = accuracy_script('--dry-run', '--arms', arms, '--out', str(tmp_path))
+    assert refused.returncode == 2 and f'--arms: {message}' in refused.stderr
+    assert not (tmp_path / 'results.json').exists()
 
 
 def test_accuracy_interval_is_welchs(monkeypatch):

@@ -15,6 +15,7 @@ SE_BLOCKS = {
     'resnet50_imagenet.yaml': 22,
     'se_resnet50_imagenet.yaml': 16,  # one per bottleneck: the paper's placement
     'resnet56_cifar10_fast.yaml': 19,
+    'resnet56_cifar10_fast_paper.yaml': 27,  # one per residual block: the paper's placement
     'resnet56_cifar10_baseline.yaml': 0,
     'resnet56_cifar10_fast_baseline.yaml': 0,
     'resnet50_imagenet_baseline.yaml': 0,
@@ -71,6 +72,9 @@ def test_recipes_hold_the_documented_hyperparameters():
     }
     fast_baseline = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast_baseline.yaml'))
     assert 'squeeze_excite' not in fast_baseline.algorithms and fast_baseline.optimizer == fast.optimizer
+    paper = load_recipe(str(YAMLS[0].parent / 'resnet56_cifar10_fast_paper.yaml'))
+    assert paper.algorithms['squeeze_excite'] == {'latent_channels': 1 / 16, 'min_channels': 1, 'placement': 'block'}
+    assert (paper.optimizer, paper.scheduler, paper.data) == (fast.optimizer, fast.scheduler, fast.data)
 
 
 # --- configuration errors: one message, exit status 2, before training ------------------------------------------
