@@ -68,11 +68,12 @@ class SqueezeExcite(Algorithm):
     algorithm composer_se.SqueezeExcite(...)``, builds this algorithm (never Composer's
     own ``SqueezeExcite``) from the arguments the checkpoint records, applies it and
     loads; ``load_exclude_algorithms=['SqueezeExcite']`` leaves it out. (Composer finds
-    this class once it is imported: ``from composer_se import SqueezeExcite``.) A state dict whose SE blocks differ
-    from the model's (saved without SE, or with other arguments) is refused by the
-    Trainer's checkpoint loading before anything is copied, with a
-    :class:`~composer_se.checkpoints.CheckpointError` naming the first differing layer
-    and the two shapes (see :class:`~composer_se.composer_plumbing.checkpoint_guard.CheckpointGuard`).
+    this class once it is imported: ``from composer_se import SqueezeExcite``.) A state
+    dict whose SE blocks differ from the model's (saved without SE, or with other
+    arguments) is refused by the Trainer's checkpoint loading before anything is copied,
+    with a :class:`~composer_se.checkpoints.CheckpointError` naming the first differing
+    layer and the two shapes (see
+    :class:`~composer_se.composer_plumbing.checkpoint_guard.CheckpointGuard`).
 
     Args:
         latent_channels, min_channels, include, exclude, init, placement, fold_batchnorm:

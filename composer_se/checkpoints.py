@@ -95,8 +95,9 @@ def find_mismatch(saved: Mapping[str, Any], model: nn.Module, *, partial: bool =
     shapes, and it may not bring an SE block to a module of the model that has none.
     Differences are looked for in the model's order, then in the checkpoint's. The first
     difference outside SE blocks is reported where there is one: a model of another
-    architecture or other channel counts differs in its own layers, and its SE blocks differ only as a
-    consequence. SE is named only where the two differ in their SE blocks alone.
+    architecture or other channel counts differs in its own layers, and its SE blocks
+    differ only as a consequence. SE is named only where the two differ in their SE
+    blocks alone.
     """
     modules = dict(model.named_modules())
     expected = model.state_dict()

@@ -273,8 +273,8 @@ def format_plan(plan: Plan, style: str = 'table') -> str:
         f'{plan.model_params + plan.num_params:,}), {plan.flops:,} FLOPs ({_percent(plan.flops, plan.model_flops)} of '
         f'{plan.model_flops:,}) and {plan.traffic_bytes:,} bytes of activation traffic '
         f'({_percent(plan.traffic_bytes, plan.model_traffic_bytes)} of {plan.model_traffic_bytes:,}); '
-        f'{sum(row.block.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after their '
-        f'conv, and the blocks keep {plan.saved_bytes:,} bytes of activations for backward.',
+        f'{sum(row.block.folded_into is not None for row in plan.rows)} blocks are folded into the BatchNorm after '
+        f'their conv, and the blocks keep {plan.saved_bytes:,} bytes of activations for backward.',
         '',
     ]
     if plan.skipped:

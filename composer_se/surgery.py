@@ -447,8 +447,8 @@ def _report(prepared: list[PreparedBlock], selection: Selection, settings: Squee
         warnings.warn(
             f'SE was applied again with other arguments, {settings.call()}: {len(selection.others)} of the modules '
             f'they select already have SE of other arguments and were left as they are: {shown}{more}. '
-            f'{f"It added {len(prepared)} blocks elsewhere." if prepared else "It added no block."} To change the SE of a '
-            f'model, apply it to the model without SE.',
+            f'{f"It added {len(prepared)} blocks elsewhere." if prepared else "It added no block."} To change the SE '
+            f'of a model, apply it to the model without SE.',
             UserWarning,
         )
     wider = [block.added for block in prepared if block.added.latent_channels > block.added.out_channels]

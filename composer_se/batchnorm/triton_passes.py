@@ -469,7 +469,8 @@ def _grad_sums_kernel(g_ptr, u_ptr, ws_ptr, ws2_ptr, N, C, HW, sg_n, sg_c, sg_hw
 
 @triton.jit
 def _affine_of_two_kernel(g_ptr, u_ptr, out_ptr, ws_ptr, ws2_ptr, N, C, HW, sg_n, sg_c, sg_hw, su_n, su_c, su_hw,
-                          Q_PER_CHANNEL: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                          Q_PER_CHANNEL: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+                          ACC: tl.constexpr):
     # grad_u = g P + (u - mean) Q + R; out is laid out as u is; Q is (N, C), or (C,) with Q_PER_CHANNEL.
     n = tl.program_id(0)
     hws = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)

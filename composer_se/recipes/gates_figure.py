@@ -26,8 +26,8 @@ __all__ = ['choose_blocks', 'draw', 'format_table', 'measure_recipe', 'recipe_se
 def recipe_se_model(recipe: str, config: RecipeConfig, checkpoint: Optional[str]) -> nn.Module:
     """``recipe``'s model (a ``ComposerClassifier``) with its SE blocks, holding ``checkpoint``'s weights, else the
     recipe's initial weights (seeded, the same on every call); a checkpoint of another model is a RecipeError."""
-    from composer_se.recipes.models import build_model
     from composer_se.composer_plumbing.checkpoint_format import model_state_of
+    from composer_se.recipes.models import build_model
     from composer_se.recipes.safe_load import read_checkpoint
     from composer_se.surgery import apply_squeeze_excite
 
